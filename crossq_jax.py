@@ -438,90 +438,86 @@ def buffer_sample(buffer: ReplayBuffer, key: jax.Array, batch_size: int) -> Tran
 
 
 # ALGO LOGIC: the CrossQ update
-def create_agent(args: Args, obs_dim: int, action_dim: int, key: jax.Array) -> tuple[Actor, CriticEnsemble, AgentState]:
-    norm_kwargs = {"bn_momentum": args.bn_momentum, "bn_warmup_steps": args.bn_warmup_steps}
-    actor = Actor(
-        action_dim, args.actor_width, args.activation, args.bn_mode if args.actor_bn else "none", **norm_kwargs
-    )
-    critic = CriticEnsemble(args.n_critics, args.critic_width, args.activation, args.bn_mode, **norm_kwargs)
+def create_agent(args: Args, obs_dim: int, action_dim: int, key: jax.Array) -> AgentState:
+    """Fresh actor, critic ensemble and entropy coefficient; the modules ride along as `apply_fn`."""
+    norm = {"bn_momentum": args.bn_momentum, "bn_warmup_steps": args.bn_warmup_steps}
+    actor_bn_mode = args.bn_mode if args.actor_bn else "none"
+    actor = Actor(action_dim, args.actor_width, args.activation, actor_bn_mode, **norm)
+    critic = CriticEnsemble(args.n_critics, args.critic_width, args.activation, args.bn_mode, **norm)
     actor_key, critic_key = jax.random.split(key)
     obs, actions = jnp.zeros((1, obs_dim)), jnp.zeros((1, action_dim))
     actor_vars = actor.init(actor_key, obs, train=False)
     critic_vars = critic.init(critic_key, obs, actions, train=False)
     adam = optax.adam(args.learning_rate, b1=args.adam_b1)
-    return (
-        actor,
-        critic,
-        AgentState(
-            actor=BNTrainState.create(
-                apply_fn=actor.apply,
-                params=actor_vars["params"],
-                batch_stats=actor_vars.get("batch_stats", {}),
-                tx=adam,
-            ),
-            critic=BNTrainState.create(
-                apply_fn=critic.apply,
-                params=critic_vars["params"],
-                batch_stats=critic_vars.get("batch_stats", {}),
-                tx=adam,
-            ),
-            # alpha starts at 1.0; its Adam keeps the default betas.
-            log_alpha=TrainState.create(
-                apply_fn=None, params={"log_alpha": jnp.zeros((), jnp.float32)}, tx=optax.adam(args.learning_rate)
-            ),
+    return AgentState(
+        actor=BNTrainState.create(
+            apply_fn=actor.apply, params=actor_vars["params"], batch_stats=actor_vars.get("batch_stats", {}), tx=adam
+        ),
+        critic=BNTrainState.create(
+            apply_fn=critic.apply, params=critic_vars["params"], batch_stats=critic_vars.get("batch_stats", {}), tx=adam
+        ),
+        # alpha starts at 1.0; its Adam keeps the default betas.
+        log_alpha=TrainState.create(
+            apply_fn=None, params={"log_alpha": jnp.zeros((), jnp.float32)}, tx=optax.adam(args.learning_rate)
         ),
     )
 
 
-def make_train_step(args: Args, actor: Actor, critic: CriticEnsemble, action_dim: int):
+def variables_of(state: BNTrainState) -> dict:
+    return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def critic_loss(params, agent: AgentState, batch: Transition, key: jax.Array, gamma: float):
+    """Soft TD loss from one joint pass; returns (loss, (new critic batch_stats, mean Q))."""
+    alpha = jnp.exp(agent.log_alpha.params["log_alpha"])
+    next_mean, next_log_std = agent.actor.apply_fn(variables_of(agent.actor), batch.next_obs, train=False)
+    next_actions, next_logp = sample_tanh_gaussian(next_mean, next_log_std, key)
+    # The joint pass: (s, a) and (s', a') go through the critic together in train mode, so every
+    # BRN layer normalises both halves with the statistics of all 2B rows. This is what lets
+    # CrossQ drop the target network.
+    q_all, updates = agent.critic.apply_fn(
+        {"params": params, "batch_stats": agent.critic.batch_stats},
+        jnp.concatenate([batch.obs, batch.next_obs]),
+        jnp.concatenate([batch.actions, next_actions]),
+        train=True,
+        mutable=["batch_stats"],
+    )
+    q, next_q = jnp.split(q_all, 2, axis=1)  # each (n_critics, B)
+    next_v = next_q.min(axis=0) - alpha * next_logp
+    target = jax.lax.stop_gradient(batch.rewards + gamma * (1.0 - batch.terminations) * next_v)
+    loss = 0.5 * ((q - target) ** 2).mean(axis=1).sum()
+    return loss, (updates["batch_stats"], q.mean())
+
+
+def actor_loss(params, agent: AgentState, obs: jax.Array, key: jax.Array):
+    """SAC policy loss, actor in train mode, critic in eval mode; returns (loss, (new actor batch_stats, log pi))."""
+    alpha = jnp.exp(agent.log_alpha.params["log_alpha"])
+    (mean, log_std), updates = agent.actor.apply_fn(
+        {"params": params, "batch_stats": agent.actor.batch_stats}, obs, train=True, mutable=["batch_stats"]
+    )
+    actions, logp = sample_tanh_gaussian(mean, log_std, key)
+    q = agent.critic.apply_fn(variables_of(agent.critic), obs, actions, train=False)  # no statistics update
+    loss = (alpha * logp - q.min(axis=0)).mean()
+    return loss, (updates.get("batch_stats", {}), logp)
+
+
+def alpha_loss(params: dict, logp: jax.Array, target_entropy: float) -> jax.Array:
+    return -(params["log_alpha"] * jax.lax.stop_gradient(logp + target_entropy)).mean()
+
+
+def make_train_step(args: Args, action_dim: int):
     """Build the jitted per-env-step function: store the transition, then `utd` CrossQ updates."""
     target_entropy = -float(action_dim)
 
-    def actor_eval(state: BNTrainState, obs: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return actor.apply({"params": state.params, "batch_stats": state.batch_stats}, obs, train=False)
-
-    def critic_loss_fn(params, agent: AgentState, batch: Transition, key: jax.Array):
-        alpha = jnp.exp(agent.log_alpha.params["log_alpha"])
-        next_actions, next_logp = sample_tanh_gaussian(*actor_eval(agent.actor, batch.next_obs), key)
-        # The joint pass: (s, a) and (s', a') go through the critic together in train mode, so
-        # every BRN layer normalises both halves with the statistics of all 2B rows. This is
-        # what lets CrossQ drop the target network.
-        q_all, updates = critic.apply(
-            {"params": params, "batch_stats": agent.critic.batch_stats},
-            jnp.concatenate([batch.obs, batch.next_obs]),
-            jnp.concatenate([batch.actions, next_actions]),
-            train=True,
-            mutable=["batch_stats"],
-        )
-        q, next_q = jnp.split(q_all, 2, axis=1)  # each (n_critics, B)
-        next_v = next_q.min(axis=0) - alpha * next_logp
-        target = jax.lax.stop_gradient(batch.rewards + args.gamma * (1.0 - batch.terminations) * next_v)
-        loss = 0.5 * ((q - target) ** 2).mean(axis=1).sum()
-        return loss, (updates["batch_stats"], q.mean())
-
-    def actor_loss_fn(params, agent: AgentState, obs: jax.Array, key: jax.Array):
-        alpha = jnp.exp(agent.log_alpha.params["log_alpha"])
-        (mean, log_std), updates = actor.apply(
-            {"params": params, "batch_stats": agent.actor.batch_stats}, obs, train=True, mutable=["batch_stats"]
-        )
-        actions, logp = sample_tanh_gaussian(mean, log_std, key)
-        critic_vars = {"params": agent.critic.params, "batch_stats": agent.critic.batch_stats}
-        q = critic.apply(critic_vars, obs, actions, train=False)  # eval mode: no statistics update
-        loss = (alpha * logp - q.min(axis=0)).mean()
-        return loss, (updates.get("batch_stats", {}), logp)
-
-    def alpha_loss_fn(params: dict, logp: jax.Array) -> jax.Array:
-        return -(params["log_alpha"] * jax.lax.stop_gradient(logp + target_entropy)).mean()
-
     def update_actor_and_alpha(agent: AgentState, metrics: Metrics, obs: jax.Array, key: jax.Array):
-        (actor_loss, (batch_stats, logp)), grads = jax.value_and_grad(actor_loss_fn, has_aux=True)(
+        (loss, (batch_stats, logp)), grads = jax.value_and_grad(actor_loss, has_aux=True)(
             agent.actor.params, agent, obs, key
         )
         actor_state = agent.actor.apply_gradients(grads=grads).replace(batch_stats=batch_stats)
-        alpha_loss, alpha_grad = jax.value_and_grad(alpha_loss_fn)(agent.log_alpha.params, logp)
+        entropy_loss, alpha_grad = jax.value_and_grad(alpha_loss)(agent.log_alpha.params, logp, target_entropy)
         log_alpha = agent.log_alpha.apply_gradients(grads=alpha_grad)
         metrics = metrics._replace(
-            actor_loss=actor_loss, alpha_loss=alpha_loss, alpha=jnp.exp(log_alpha.params["log_alpha"])
+            actor_loss=loss, alpha_loss=entropy_loss, alpha=jnp.exp(log_alpha.params["log_alpha"])
         )
         return agent._replace(actor=actor_state, log_alpha=log_alpha), metrics
 
@@ -529,8 +525,8 @@ def make_train_step(args: Args, actor: Actor, critic: CriticEnsemble, action_dim
         agent, metrics, buffer = carry
         batch_key, critic_key, actor_key = jax.random.split(key, 3)
         batch = buffer_sample(buffer, batch_key, args.batch_size)
-        (qf_loss, (batch_stats, qf_values)), grads = jax.value_and_grad(critic_loss_fn, has_aux=True)(
-            agent.critic.params, agent, batch, critic_key
+        (qf_loss, (batch_stats, qf_values)), grads = jax.value_and_grad(critic_loss, has_aux=True)(
+            agent.critic.params, agent, batch, critic_key, args.gamma
         )
         agent = agent._replace(critic=agent.critic.apply_gradients(grads=grads).replace(batch_stats=batch_stats))
         metrics = metrics._replace(qf_loss=qf_loss, qf_values=qf_values)
@@ -556,41 +552,33 @@ def make_train_step(args: Args, actor: Actor, critic: CriticEnsemble, action_dim
     return jax.jit(train_step, donate_argnums=(0, 1))
 
 
-def make_policy(actor: Actor):
-    """Jitted action selection, actor in eval mode: a sample for exploration, tanh(mean) for evaluation."""
-
-    @jax.jit
-    def explore(actor_state: BNTrainState, obs: np.ndarray, key: jax.Array) -> tuple[jax.Array, jax.Array]:
-        key, sample_key = jax.random.split(key)
-        mean, log_std = actor.apply(
-            {"params": actor_state.params, "batch_stats": actor_state.batch_stats}, obs, train=False
-        )
-        return sample_tanh_gaussian(mean, log_std, sample_key)[0], key
-
-    @jax.jit
-    def act(actor_variables: dict, obs: np.ndarray) -> jax.Array:
-        return jnp.tanh(actor.apply(actor_variables, obs, train=False)[0])
-
-    return explore, act
+@jax.jit
+def explore(actor_state: BNTrainState, obs: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """An exploration action sampled from pi (actor in eval mode), and the next key."""
+    key, sample_key = jax.random.split(key)
+    mean, log_std = actor_state.apply_fn(variables_of(actor_state), obs, train=False)
+    return sample_tanh_gaussian(mean, log_std, sample_key)[0], key
 
 
-def evaluate(act: Callable, actor_variables: dict, env: gym.Env, n_episodes: int) -> list[float]:
-    """Returns of `n_episodes` episodes of the deterministic policy tanh(mean), actor in eval mode."""
+@jax.jit
+def act(actor_state: BNTrainState, obs: jax.Array) -> jax.Array:
+    """The deterministic evaluation action tanh(mean), actor in eval mode."""
+    return jnp.tanh(actor_state.apply_fn(variables_of(actor_state), obs, train=False)[0])
+
+
+def evaluate(actor_state: BNTrainState, env: gym.Env, n_episodes: int) -> list[float]:
+    """Returns of `n_episodes` episodes of the deterministic policy."""
     returns = []
     for _ in range(n_episodes):
         obs, _ = env.reset()
         done, episode_return = False, 0.0
         while not done:
-            action = np.asarray(act(actor_variables, obs[None].astype(np.float32)))[0]
+            action = np.asarray(act(actor_state, obs[None].astype(np.float32)))[0]
             obs, reward, terminated, truncated, _ = env.step(action)
             episode_return += float(reward)
             done = terminated or truncated
         returns.append(episode_return)
     return returns
-
-
-def variables_of(state: BNTrainState) -> dict:
-    return {"params": state.params, "batch_stats": state.batch_stats}
 
 
 def train(args: Args) -> dict[str, float]:
@@ -635,11 +623,10 @@ def train(args: Args) -> dict[str, float]:
     eval_env.reset(seed=args.seed + 10_000)
     obs_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
 
-    actor, critic, agent = create_agent(args, obs_dim, action_dim, agent_key)
+    agent = create_agent(args, obs_dim, action_dim, agent_key)
     buffer = ReplayBuffer.create(args.buffer_size, obs_dim, action_dim)
-    train_step = make_train_step(args, actor, critic, action_dim)
+    train_step = make_train_step(args, action_dim)
     store = jax.jit(buffer_add, donate_argnums=0)
-    explore, act = make_policy(actor)
     metrics = Metrics.initial()
 
     def check_finite(step: int) -> None:
@@ -648,7 +635,7 @@ def train(args: Args) -> dict[str, float]:
             raise FloatingPointError(f"training diverged: a loss became NaN/inf at env step {bad} (checked at {step})")
 
     def log_eval(step: int) -> float:
-        returns = evaluate(act, variables_of(agent.actor), eval_env, args.eval_episodes)
+        returns = evaluate(agent.actor, eval_env, args.eval_episodes)
         writer.add_scalar("eval/episodic_return", np.mean(returns), step)
         print(
             f"step={step} eval/episodic_return={np.mean(returns):.1f} +- {np.std(returns):.1f} "
