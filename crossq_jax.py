@@ -108,7 +108,7 @@ def check_args(args: Args) -> None:
         raise ConfigError(f"--gamma must lie in [0, 1] (got {args.gamma})")
     if not 0.0 <= args.adam_b1 < 1.0:
         raise ConfigError(f"--adam-b1 must lie in [0, 1) (got {args.adam_b1})")
-    if not args.learning_rate > 0.0:
+    if not 0.0 < args.learning_rate < float("inf"):
         raise ConfigError(f"--learning-rate must be positive (got {args.learning_rate})")
     if args.learning_starts < args.batch_size:
         raise ConfigError(

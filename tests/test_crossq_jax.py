@@ -1,0 +1,456 @@
+"""Behavioural tests of crossq_jax.py: the BRN layer, the joint pass, the update schedule, the CLI."""
+
+import dataclasses
+import json
+
+import flax
+import gymnasium as gym
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tyro
+from conftest import read_scalars, run_dirs
+
+import crossq_jax as cq
+
+# ---------------------------------------------------------------------------------------------
+# Batch Renormalization against an independent numpy re-derivation of SPEC section 1
+# ---------------------------------------------------------------------------------------------
+
+
+class NumpyBRN:
+    """SPEC section 1, written out in float64 numpy, one batch at a time."""
+
+    def __init__(self, features, momentum=0.99, eps=1e-3, r_max=3.0, d_max=5.0, warmup=100_000):
+        self.mu_r, self.var_r, self.steps = np.zeros(features), np.ones(features), 0
+        self.m, self.eps, self.r_max, self.d_max, self.warmup = momentum, eps, r_max, d_max, warmup
+
+    def train(self, x, gamma, beta):
+        mu_b = x.mean(0)
+        var_b = np.maximum((x**2).mean(0) - mu_b**2, 0.0)
+        sig_b, sig_r = np.sqrt(var_b + self.eps), np.sqrt(self.var_r + self.eps)
+        r = np.clip(sig_b / sig_r, 1 / self.r_max, self.r_max)
+        d = np.clip((mu_b - self.mu_r) / sig_r, -self.d_max, self.d_max)
+        if self.steps >= self.warmup:
+            mean, var = mu_b - d * np.sqrt(var_b) / r, var_b / r**2
+        else:
+            mean, var = mu_b, var_b
+        y = gamma * (x - mean) / np.sqrt(var + self.eps) + beta
+        self.mu_r = self.m * self.mu_r + (1 - self.m) * mu_b
+        self.var_r = self.m * self.var_r + (1 - self.m) * var_b
+        self.steps += 1
+        return y
+
+    def eval(self, x, gamma, beta):
+        return gamma * (x - self.mu_r) / np.sqrt(self.var_r + self.eps) + beta
+
+
+def brn_batches(rng, n_batches=8, n=64, features=5):
+    """Batches whose distribution shifts halfway, so that r and d leave 1 and 0 and hit their clips."""
+    for i in range(n_batches):
+        loc, scale = (0.0, 1.0) if i < n_batches // 2 else (4.0, 6.0)
+        yield rng.normal(loc, scale, size=(n, features)) * rng.uniform(0.5, 2.0, size=features)
+
+
+@pytest.mark.parametrize("mode", ["brn", "bn"])
+def test_batch_renorm_matches_numpy_across_the_warmup_switch(mode):
+    rng = np.random.default_rng(0)
+    features, warmup = 5, 3
+    limits = {"brn": {"r_max": 3.0, "d_max": 5.0}, "bn": {"r_max": 1.0, "d_max": 0.0}}[mode]
+    layer = cq.BatchRenorm(momentum=0.9, warmup_steps=warmup, **limits)
+    reference = NumpyBRN(features, momentum=0.9, warmup=warmup, **limits)
+    variables = layer.init(jax.random.PRNGKey(0), jnp.zeros((4, features)), use_running_average=False)
+    assert int(variables["batch_stats"]["steps"]) == 0  # init updates nothing
+    np.testing.assert_array_equal(variables["batch_stats"]["mean"], 0.0)
+    np.testing.assert_array_equal(variables["batch_stats"]["var"], 1.0)
+    gamma, beta = rng.uniform(0.5, 2.0, features), rng.normal(size=features)
+    params = {"scale": jnp.asarray(gamma, jnp.float32), "bias": jnp.asarray(beta, jnp.float32)}
+    stats = variables["batch_stats"]
+    renormalised_differs = False
+    for x in brn_batches(rng, features=features):
+        y, updates = layer.apply(
+            {"params": params, "batch_stats": stats}, jnp.asarray(x, jnp.float32), False, mutable=["batch_stats"]
+        )
+        plain_bn = (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-3) * gamma + beta
+        expected = reference.train(x, gamma, beta)
+        np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
+        stats = updates["batch_stats"]
+        np.testing.assert_allclose(stats["mean"], reference.mu_r, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(stats["var"], reference.var_r, rtol=1e-5, atol=1e-5)
+        assert int(stats["steps"]) == reference.steps
+        y_eval = layer.apply({"params": params, "batch_stats": stats}, jnp.asarray(x, jnp.float32), True)
+        np.testing.assert_allclose(y_eval, reference.eval(x, gamma, beta), rtol=1e-4, atol=1e-4)
+        renormalised_differs |= not np.allclose(expected, plain_bn, atol=1e-2)
+    # After the switch, BRN must differ from BN on the shifted batches; plain BN never does.
+    assert renormalised_differs == (mode == "brn")
+
+
+def test_batch_renorm_eval_mode_changes_nothing():
+    layer = cq.BatchRenorm()
+    x = jnp.asarray(np.random.default_rng(1).normal(2.0, 3.0, size=(16, 3)), jnp.float32)
+    variables = layer.init(jax.random.PRNGKey(0), x, use_running_average=False)
+    _, updates = layer.apply(variables, x, use_running_average=True, mutable=["batch_stats"])
+    jax.tree.map(np.testing.assert_array_equal, updates["batch_stats"], variables["batch_stats"])
+
+
+def test_batch_renorm_gradient_treats_r_and_d_as_constants():
+    """d/dx of the layer equals the numpy finite difference with r and d frozen at their values."""
+    rng = np.random.default_rng(2)
+    layer = cq.BatchRenorm(warmup_steps=0)  # renormalising from the first call
+    stats = {"mean": jnp.asarray([1.5, -2.0]), "var": jnp.asarray([0.2, 4.0]), "steps": jnp.asarray(5)}
+    params = {"scale": jnp.asarray([1.3, 0.7]), "bias": jnp.asarray([0.1, -0.2])}
+    x = rng.normal(size=(8, 2))
+    weights = rng.normal(size=(8, 2))
+
+    def f(x):
+        y, _ = layer.apply({"params": params, "batch_stats": stats}, x, False, mutable=["batch_stats"])
+        return (y * weights).sum()
+
+    grad = np.asarray(jax.grad(f)(jnp.asarray(x, jnp.float32)))
+
+    mu_r, var_r = np.asarray(stats["mean"], np.float64), np.asarray(stats["var"], np.float64)
+    mu_b0, var_b0 = x.mean(0), x.var(0)
+    sig_r = np.sqrt(var_r + 1e-3)
+    r = np.clip(np.sqrt(var_b0 + 1e-3) / sig_r, 1 / 3, 3)  # frozen
+    d = np.clip((mu_b0 - mu_r) / sig_r, -5, 5)  # frozen
+
+    def f_frozen(x):
+        mu_b, var_b = x.mean(0), x.var(0)
+        mean, var = mu_b - d * np.sqrt(var_b) / r, var_b / r**2
+        y = np.asarray(params["scale"]) * (x - mean) / np.sqrt(var + 1e-3) + np.asarray(params["bias"])
+        return (y * weights).sum()
+
+    numeric = np.zeros_like(x)
+    for idx in np.ndindex(*x.shape):
+        step = np.zeros_like(x)
+        step[idx] = 1e-6
+        numeric[idx] = (f_frozen(x + step) - f_frozen(x - step)) / 2e-6
+    np.testing.assert_allclose(grad, numeric, rtol=2e-3, atol=2e-3)
+
+
+def test_batch_renorm_gradient_is_finite_for_a_constant_feature():
+    """A dead ReLU unit (zero batch variance) must not turn the update into NaN."""
+    layer = cq.BatchRenorm(warmup_steps=0)
+    x = jnp.concatenate([jnp.zeros((8, 1)), jnp.arange(8.0)[:, None]], axis=1)
+    variables = layer.init(jax.random.PRNGKey(0), x, use_running_average=False)
+    stats = {**variables["batch_stats"], "mean": jnp.asarray([0.5, 0.0]), "steps": jnp.asarray(1)}
+
+    def f(params):
+        y, _ = layer.apply({"params": params, "batch_stats": stats}, x, False, mutable=["batch_stats"])
+        return (y**2).sum()
+
+    grads = jax.grad(f)(variables["params"])
+    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+
+
+# ---------------------------------------------------------------------------------------------
+# The agent: joint pass, stop-gradient, no target network, policy delay
+# ---------------------------------------------------------------------------------------------
+
+OBS_DIM, ACTION_DIM = 3, 2
+
+
+def small_args(**overrides) -> cq.Args:
+    defaults = {"critic_width": 16, "actor_width": 16, "batch_size": 8, "learning_starts": 8, "buffer_size": 64}
+    return dataclasses.replace(cq.Args(), **{**defaults, **overrides})
+
+
+def filled_buffer(args, obs, next_obs, n=16, seed=0) -> cq.ReplayBuffer:
+    rng = np.random.default_rng(seed)
+    buffer = cq.ReplayBuffer.create(args.buffer_size, OBS_DIM, ACTION_DIM)
+    for _ in range(n):
+        transition = cq.Transition(
+            jnp.asarray(obs, jnp.float32),
+            jnp.asarray(rng.uniform(-1, 1, ACTION_DIM), jnp.float32),
+            jnp.float32(rng.normal()),
+            jnp.asarray(next_obs, jnp.float32),
+            jnp.float32(0.0),
+        )
+        buffer = cq.buffer_add(buffer, transition)
+    return buffer
+
+
+def test_one_update_normalises_current_and_next_states_together():
+    """The critic's input-layer statistics must come from [s; s'] in ONE train-mode call.
+
+    Every stored transition has the same s and s', so the joint batch's obs columns have mean
+    (s + s') / 2 and variance ((s - s') / 2)^2 whatever rows are sampled. Two separate passes
+    would give steps == 2, or statistics of s alone (variance 0).
+    """
+    args = small_args(bn_momentum=0.9)
+    s, s_next = np.array([1.0, -2.0, 3.0]), np.array([3.0, 2.0, -1.0])
+    buffer = filled_buffer(args, s, s_next)
+    agent = cq.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
+    train_step = cq.make_train_step(args, ACTION_DIM)
+    transition = cq.Transition(*(getattr(buffer, f)[0] for f in cq.Transition._fields))
+    agent, _, _ = train_step(agent, buffer, transition, cq.Metrics.initial(), jax.random.PRNGKey(1), 9)
+
+    input_layer = agent.critic.batch_stats["VmapCritic_0"]["Normalization_0"]["BatchRenorm_0"]
+    np.testing.assert_array_equal(input_layer["steps"], [1] * args.n_critics)
+    expected_mean = 0.1 * (s + s_next) / 2
+    expected_var = 0.9 + 0.1 * ((s - s_next) / 2) ** 2
+    for i in range(args.n_critics):
+        np.testing.assert_allclose(input_layer["mean"][i, :OBS_DIM], expected_mean, rtol=1e-5)
+        np.testing.assert_allclose(input_layer["var"][i, :OBS_DIM], expected_var, rtol=1e-5)
+
+
+def test_td_target_carries_no_gradient():
+    """grad of the critic loss == grad of 0.5 * sum_i mean (q_i - y)^2 with y a frozen constant."""
+    args = small_args()
+    buffer = filled_buffer(args, [0.5, 1.0, -1.0], [1.0, 0.0, 2.0])
+    agent = cq.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
+    batch = cq.buffer_sample(buffer, jax.random.PRNGKey(3), args.batch_size)
+    key = jax.random.PRNGKey(4)
+    grads = jax.grad(lambda p: cq.critic_loss(p, agent, batch, key, args.gamma)[0])(agent.critic.params)
+
+    next_mean, next_log_std = agent.actor.apply_fn(cq.variables_of(agent.actor), batch.next_obs, train=False)
+    next_actions, next_logp = cq.sample_tanh_gaussian(next_mean, next_log_std, key)
+
+    def joint_q(params):
+        q_all, _ = agent.critic.apply_fn(
+            {"params": params, "batch_stats": agent.critic.batch_stats},
+            jnp.concatenate([batch.obs, batch.next_obs]),
+            jnp.concatenate([batch.actions, next_actions]),
+            train=True,
+            mutable=["batch_stats"],
+        )
+        return jnp.split(q_all, 2, axis=1)
+
+    _, next_q = joint_q(agent.critic.params)
+    y = np.asarray(batch.rewards + args.gamma * (next_q.min(0) - 1.0 * next_logp))  # alpha = 1 at start
+    frozen = jax.grad(lambda p: 0.5 * ((joint_q(p)[0] - y) ** 2).mean(1).sum())(agent.critic.params)
+    leaked = jax.grad(
+        lambda p: 0.5 * ((joint_q(p)[0] - batch.rewards - args.gamma * joint_q(p)[1].min(0)) ** 2).mean(1).sum()
+    )(agent.critic.params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, frozen)
+    # The check has teeth: letting the gradient through the target changes it.
+    assert not all(jax.tree.leaves(jax.tree.map(lambda a, b: np.allclose(a, b, atol=1e-6), grads, leaked)))
+
+
+def test_there_is_no_target_network():
+    args = small_args(n_critics=2)
+    agent = cq.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(agent)[0]]
+    assert not [p for p in paths if "target" in p.lower()]
+    # Exactly n_critics critics' worth of weights: one hidden kernel pair per critic, nothing else.
+    kernels = jax.tree.leaves(agent.critic.params)
+    n_weights = sum(k.size for k in kernels)
+    per_critic = (OBS_DIM + ACTION_DIM) * 2  # input BRN scale and bias
+    per_critic += (OBS_DIM + ACTION_DIM) * 16 + 16 + 16 * 2 + 16 * 16 + 16 + 16 * 2 + 16 + 1
+    assert n_weights == args.n_critics * per_critic
+
+
+@pytest.mark.parametrize("utd,policy_delay", [(1, 3), (1, 1), (2, 3)])
+def test_actor_changes_exactly_every_policy_delay_critic_updates(utd, policy_delay):
+    args = small_args(utd=utd, policy_delay=policy_delay)
+    buffer = filled_buffer(args, [0.5, 1.0, -1.0], [1.0, 0.0, 2.0])
+    agent = cq.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
+    train_step = cq.make_train_step(args, ACTION_DIM)
+    metrics = cq.Metrics.initial()
+    transition = cq.Transition(*(getattr(buffer, f)[0] for f in cq.Transition._fields))
+    key = jax.random.PRNGKey(1)
+    actor_updates = 0
+    for env_step in range(1, 7):
+        before = jax.tree.map(np.asarray, agent.actor.params)
+        critic_steps_before = int(agent.critic.step)
+        key, step_key = jax.random.split(key)
+        agent, buffer, metrics = train_step(agent, buffer, transition, metrics, step_key, env_step)
+        critic_steps = range(critic_steps_before + 1, int(agent.critic.step) + 1)
+        assert len(critic_steps) == utd
+        due = sum(k % policy_delay == 0 for k in critic_steps)
+        changed = not all(jax.tree.leaves(jax.tree.map(np.array_equal, before, agent.actor.params)))
+        assert changed == (due > 0), f"env step {env_step}"
+        actor_updates += due
+    assert int(agent.actor.step) == actor_updates == 6 * utd // policy_delay
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------------
+
+ISSUE_FLAGS = [
+    "--env-id",
+    "--seed",
+    "--total-timesteps",
+    "--learning-starts",
+    "--gamma",
+    "--learning-rate",
+    "--buffer-size",
+    "--batch-size",
+    "--activation",
+    "--bn-mode",
+    "--bn-momentum",
+    "--bn-warmup-steps",
+    "--critic-width",
+    "--actor-width",
+    "--adam-b1",
+    "--utd",
+    "--policy-delay",
+    "--n-critics",
+    "--eval-freq",
+    "--eval-episodes",
+    "--save-model",
+    "--exp-name",
+    "--track",
+    "--wandb-project-name",
+    "--wandb-entity",
+    "--capture-video",
+]
+
+
+def test_help_lists_every_flag_with_paper_defaults(script_runner):
+    result, _ = script_runner("crossq_jax.py", "--help")
+    assert result.returncode == 0
+    for flag in ISSUE_FLAGS:
+        assert flag in result.stdout, flag
+    args = tyro.cli(cq.Args, args=[])
+    assert (args.critic_width, args.actor_width, args.adam_b1, args.policy_delay, args.utd) == (2048, 256, 0.5, 3, 1)
+    assert (args.bn_mode, args.bn_momentum, args.bn_warmup_steps, args.learning_starts) == ("brn", 0.99, 100_000, 5000)
+    assert (args.batch_size, args.buffer_size, args.learning_rate, args.gamma, args.n_critics) == (
+        256,
+        1_000_000,
+        1e-3,
+        0.99,
+        2,
+    )
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--batch-size", "0"], "--batch-size must be positive"),
+        (["--critic-width", "-1"], "--critic-width must be positive"),
+        (["--actor-width", "0"], "--actor-width must be positive"),
+        (["--bn-momentum", "1.0"], "--bn-momentum must lie in (0, 1)"),
+        (["--bn-momentum", "0"], "--bn-momentum must lie in (0, 1)"),
+        (["--learning-starts", "100"], "--learning-starts (100) must be at least --batch-size (256)"),
+        (["--buffer-size", "100", "--learning-starts", "5000"], "--buffer-size (100) must be at least --batch-size"),
+        (["--learning-rate", "0"], "--learning-rate must be positive"),
+        (["--learning-rate", "nan"], "--learning-rate must be positive"),
+        (["--gamma", "1.5"], "--gamma must lie in [0, 1]"),
+        (["--utd", "0"], "--utd must be positive"),
+        (["--policy-delay", "0"], "--policy-delay must be positive"),
+    ],
+)
+def test_nonsensical_hyperparameters_are_rejected(flags, message):
+    with pytest.raises(cq.ConfigError) as error:
+        cq.check_args(tyro.cli(cq.Args, args=flags))
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--env-id", "CartPole-v1"], "CrossQ needs a continuous Box action space"),
+        (["--env-id", "NoSuchEnv-v0"], "cannot make env 'NoSuchEnv-v0'"),
+        (["--batch-size", "0"], "--batch-size must be positive"),
+    ],
+)
+def test_bad_input_exits_with_one_line_before_any_compute(script_runner, flags, message):
+    result, cwd = script_runner("crossq_jax.py", *flags)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert lines == [lines[-1]] and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not run_dirs(cwd)  # nothing was started
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: a short run that trains, evaluates, logs and saves; determinism; divergence
+# ---------------------------------------------------------------------------------------------
+
+TINY = [
+    *["--critic-width", "32", "--actor-width", "32", "--batch-size", "32"],
+    *["--learning-starts", "200", "--buffer-size", "1000"],
+]
+
+
+def test_smoke_run_on_mujoco_trains_evaluates_logs_and_saves(script_runner):
+    result, cwd = script_runner(
+        "crossq_jax.py",
+        *["--env-id", "Hopper-v4", "--total-timesteps", "600", "--eval-freq", "300", "--eval-episodes", "2"],
+        *[*TINY, "--log-freq", "100", "--save-model"],
+    )
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = run_dirs(cwd)
+    scalars = read_scalars(run_dir)
+    for tag in ["charts/episodic_return", "charts/episodic_length", "charts/SPS", "eval/episodic_return"]:
+        assert tag in scalars, tag
+    for tag in ["losses/qf_loss", "losses/qf_values", "losses/actor_loss", "losses/alpha", "losses/alpha_loss"]:
+        assert [step for step, _ in scalars[tag]] == [300, 400, 500, 600], tag
+    assert [step for step, _ in scalars["eval/episodic_return"]] == [300, 600]
+    assert "eval/episodic_return" in result.stdout
+
+    # The saved model loads as the README shows and acts as the final evaluation did.
+    args = cq.Args(**json.loads((run_dir / "args.json").read_text()))
+    env = cq.make_env(args.env_id, seed=0)()
+    agent = cq.create_agent(args, env.observation_space.shape[0], env.action_space.shape[0], jax.random.PRNGKey(0))
+    saved = flax.serialization.from_bytes(
+        {"actor": cq.variables_of(agent.actor), "critic": cq.variables_of(agent.critic)},
+        (run_dir / "crossq_jax.crossq_model").read_bytes(),
+    )
+    actor = agent.actor.replace(**saved["actor"])
+    # The BRN step counters are saved: 400 critic updates (steps 201..600), 400 // 3 actor updates.
+    for network, updates in [("critic", 400), ("actor", 400 // 3)]:
+        stats = flax.traverse_util.flatten_dict(saved[network]["batch_stats"])
+        counters = [np.asarray(v) for k, v in stats.items() if k[-1] == "steps"]
+        assert counters and all((c == updates).all() for c in counters), network
+    returns = cq.evaluate(actor, env, n_episodes=1)
+    assert np.isfinite(returns[0])
+
+
+def test_same_seed_gives_identical_runs(script_runner, tmp_path):
+    flags = ["--env-id", "Pendulum-v1", "--total-timesteps", "600", "--eval-freq", "0", "--eval-episodes", "1"]
+    flags += [*TINY, "--log-freq", "100", "--seed", "7"]
+    logs = []
+    for _ in range(2):
+        result, cwd = script_runner("crossq_jax.py", *flags)
+        assert result.returncode == 0, result.stderr
+        logs.append(read_scalars(run_dirs(cwd)[-1]))
+    for tag in ["charts/episodic_return", "losses/qf_loss", "losses/actor_loss", "eval/episodic_return"]:
+        assert logs[0][tag] == logs[1][tag], tag
+
+
+class NaNAfter(gym.Env):
+    """A 1-D continuous env whose reward turns NaN from step `bad_step` on."""
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+    action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+    def __init__(self, bad_step: int = 300):
+        self.bad_step, self.t = bad_step, 0
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return self.np_random.uniform(-1, 1, 2).astype(np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        reward = float("nan") if self.t >= self.bad_step else float(-(action**2).sum())
+        return self.np_random.uniform(-1, 1, 2).astype(np.float32), reward, False, self.t % 50 == 0, {}
+
+
+def test_divergence_stops_training_and_names_the_step(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    gym.register("NaNAfter-v0", entry_point=NaNAfter)
+    args = small_args(env_id="NaNAfter-v0", total_timesteps=2000, learning_starts=100, log_freq=50, eval_freq=0)
+    args = dataclasses.replace(args, eval_episodes=1)
+    with pytest.raises(FloatingPointError, match=r"NaN/inf at env step (\d+)") as error:
+        cq.train(args)
+    step = int(error.value.args[0].split("env step ")[1].split()[0])
+    assert 300 <= step <= 400  # the NaN reward enters at 300 and is sampled soon after
+    assert "checked at" in str(error.value)
+
+
+@pytest.mark.slow
+def test_crossq_learns_pendulum(script_runner):
+    """SAC-based CrossQ, 256-wide critic: deterministic eval return >= -250 within 5000 env steps."""
+    result, cwd = script_runner(
+        "crossq_jax.py",
+        *["--env-id", "Pendulum-v1", "--critic-width", "256", "--learning-starts", "1000", "--seed", "1"],
+        *["--total-timesteps", "5000", "--eval-freq", "1000", "--eval-episodes", "10"],
+    )
+    assert result.returncode == 0, result.stderr
+    evals = dict(read_scalars(run_dirs(cwd)[0])["eval/episodic_return"])
+    assert max(evals.values()) >= -250, evals
