@@ -183,8 +183,7 @@ def test_one_update_normalises_current_and_next_states_together():
     buffer = filled_buffer(args, s, s_next)
     agent = cq.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
     train_step = cq.make_train_step(args, ACTION_DIM)
-    transition = cq.Transition(*(getattr(buffer, f)[0] for f in cq.Transition._fields))
-    agent, _, _ = train_step(agent, buffer, transition, cq.Metrics.initial(), jax.random.PRNGKey(1), 9)
+    agent, _ = train_step(agent, buffer, cq.Metrics.initial(), jax.random.PRNGKey(1), 9)
 
     input_layer = agent.critic.batch_stats["VmapCritic_0"]["Normalization_0"]["BatchRenorm_0"]
     np.testing.assert_array_equal(input_layer["steps"], [1] * args.n_critics)
@@ -248,14 +247,13 @@ def test_actor_changes_exactly_every_policy_delay_critic_updates(utd, policy_del
     agent = cq.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
     train_step = cq.make_train_step(args, ACTION_DIM)
     metrics = cq.Metrics.initial()
-    transition = cq.Transition(*(getattr(buffer, f)[0] for f in cq.Transition._fields))
     key = jax.random.PRNGKey(1)
     actor_updates = 0
     for env_step in range(1, 7):
         before = jax.tree.map(np.asarray, agent.actor.params)
         critic_steps_before = int(agent.critic.step)
         key, step_key = jax.random.split(key)
-        agent, buffer, metrics = train_step(agent, buffer, transition, metrics, step_key, env_step)
+        agent, metrics = train_step(agent, buffer, metrics, step_key, env_step)
         critic_steps = range(critic_steps_before + 1, int(agent.critic.step) + 1)
         assert len(critic_steps) == utd
         due = sum(k % policy_delay == 0 for k in critic_steps)
@@ -412,14 +410,14 @@ def test_same_seed_gives_identical_runs(script_runner, tmp_path):
         assert logs[0][tag] == logs[1][tag], tag
 
 
-class NaNAfter(gym.Env):
-    """A 1-D continuous env whose reward turns NaN from step `bad_step` on."""
+class BadRewardAfter(gym.Env):
+    """A small continuous env whose reward turns into `bad_reward` from step `bad_step` on."""
 
     observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
     action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
 
-    def __init__(self, bad_step: int = 300):
-        self.bad_step, self.t = bad_step, 0
+    def __init__(self, bad_step: int = 300, bad_reward: float = float("nan")):
+        self.bad_step, self.bad_reward, self.t = bad_step, bad_reward, 0
 
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
@@ -427,20 +425,31 @@ class NaNAfter(gym.Env):
 
     def step(self, action):
         self.t += 1
-        reward = float("nan") if self.t >= self.bad_step else float(-(action**2).sum())
+        reward = self.bad_reward if self.t >= self.bad_step else float(-(action**2).sum())
         return self.np_random.uniform(-1, 1, 2).astype(np.float32), reward, False, self.t % 50 == 0, {}
 
 
-def test_divergence_stops_training_and_names_the_step(tmp_path, monkeypatch):
+gym.register("NaNRewardAfter300-v0", entry_point=BadRewardAfter)
+gym.register("HugeRewardAfter300-v0", entry_point=lambda: BadRewardAfter(300, 1e30))
+
+
+def test_an_env_that_returns_nan_stops_the_run_at_that_step(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    gym.register("NaNAfter-v0", entry_point=NaNAfter)
-    args = small_args(env_id="NaNAfter-v0", total_timesteps=2000, learning_starts=100, log_freq=50, eval_freq=0)
-    args = dataclasses.replace(args, eval_episodes=1)
-    with pytest.raises(FloatingPointError, match=r"NaN/inf at env step (\d+)") as error:
+    args = small_args(env_id="NaNRewardAfter300-v0", total_timesteps=2000, learning_starts=100, eval_freq=0)
+    with pytest.raises(FloatingPointError, match=r"returned a NaN/inf observation or reward at env step 300$"):
+        cq.train(args)
+
+
+def test_divergence_stops_training_and_names_the_loss_and_step(tmp_path, monkeypatch):
+    """Rewards of 1e30 are finite, but the squared TD error overflows: the loss becomes inf."""
+    monkeypatch.chdir(tmp_path)
+    args = small_args(env_id="HugeRewardAfter300-v0", total_timesteps=2000, learning_starts=100, log_freq=50)
+    args = dataclasses.replace(args, eval_freq=0, eval_episodes=1)
+    with pytest.raises(FloatingPointError, match=r"losses/qf_loss became NaN/inf at env step (\d+)") as error:
         cq.train(args)
     step = int(error.value.args[0].split("env step ")[1].split()[0])
-    assert 300 <= step <= 400  # the NaN reward enters at 300 and is sampled soon after
-    assert "checked at" in str(error.value)
+    assert 300 <= step <= 400  # the huge reward enters at 300 and is sampled soon after
+    assert step < 2000  # it stopped rather than running on
 
 
 @pytest.mark.slow

@@ -1,0 +1,219 @@
+"""Long runs that survive: checkpoints, exact resume after SIGKILL/SIGTERM, refusals of bad checkpoints.
+
+Every script that supports `--checkpoint-freq` / `--resume` is listed in SCRIPTS and gets the same tests.
+"""
+
+import dataclasses
+import importlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO, read_scalars, run_dirs, run_script
+
+SCRIPTS = ["crossq_jax.py"]
+
+# Pendulum episodes last 200 steps: checkpoints every 130 steps fall mid-episode.
+FLAGS = [
+    *["--env-id", "Pendulum-v1", "--seed", "3", "--total-timesteps", "1000", "--learning-starts", "200"],
+    *["--batch-size", "32", "--buffer-size", "2000", "--critic-width", "32", "--actor-width", "32"],
+    *["--log-freq", "50", "--eval-freq", "500", "--eval-episodes", "1", "--checkpoint-freq", "130"],
+]
+COMPARED_TAGS = ["charts/episodic_return", "charts/episodic_length", "eval/episodic_return", "losses/qf_loss"]
+COMPARED_TAGS += ["losses/qf_values", "losses/actor_loss"]
+
+# Runs a script in-process with np.savez replaced by one that dies (SIGKILL) half-way through
+# the N-th checkpoint write: what a kill at the worst moment leaves behind.
+DIE_DURING_WRITE = """
+import importlib, os, signal, sys
+import numpy as np
+script, die_at = sys.argv[1], int(sys.argv[2])
+sys.path.insert(0, os.path.dirname(script))
+module = importlib.import_module(os.path.basename(script)[:-3])
+real_savez, calls = np.savez, [0]
+def savez(file, **arrays):
+    calls[0] += 1
+    if calls[0] == die_at:
+        file.write(b"PK\\x03\\x04 half a checkpoint")
+        file.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_savez(file, **arrays)
+np.savez = savez
+module.train(module.parse_args(sys.argv[3:]))
+"""
+
+
+def module_of(script: str):
+    return importlib.import_module(script[:-3])
+
+
+def start(script: str, *args: str, cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONWARNINGS": "ignore"}
+    return subprocess.Popen(
+        [sys.executable, str(REPO / script), *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for_step(process: subprocess.Popen, step: int) -> None:
+    """Read the script's progress lines until it reports `step` (or later)."""
+    for line in process.stdout:
+        if line.startswith("step=") and int(line.split()[0][len("step=") :]) >= step:
+            return
+    raise AssertionError(f"the run ended before step {step}: {process.stderr.read()}")
+
+
+def compared(scalars: dict) -> dict:
+    return {tag: scalars[tag] for tag in COMPARED_TAGS}
+
+
+@pytest.fixture(scope="module", params=SCRIPTS)
+def reference(request, tmp_path_factory):
+    """An uninterrupted run: (script, its logged scalars, its run directory)."""
+    cwd = tmp_path_factory.mktemp("reference")
+    result = run_script(request.param, *FLAGS, cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = run_dirs(cwd)
+    return request.param, read_scalars(run_dir), run_dir
+
+
+def resume(script: str, cwd: Path) -> dict:
+    (run_dir,) = run_dirs(cwd)
+    result = run_script(script, "--resume", str(run_dir), cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    assert "resumed" in result.stdout
+    return read_scalars(run_dir)
+
+
+def test_resume_after_sigkill_between_checkpoints_matches_the_uninterrupted_run(reference, tmp_path):
+    script, expected, _ = reference
+    process = start(script, *FLAGS, cwd=tmp_path)
+    wait_for_step(process, 700)  # the last checkpoint was at 650, mid-episode
+    process.kill()
+    process.wait()
+    assert compared(resume(script, tmp_path)) == compared(expected)
+
+
+def test_resume_after_sigkill_during_a_checkpoint_write_matches_the_uninterrupted_run(reference, tmp_path):
+    script, expected, _ = reference
+    driver = subprocess.run(
+        [sys.executable, "-c", DIE_DURING_WRITE, str(REPO / script), "4", *FLAGS],
+        cwd=tmp_path,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONWARNINGS": "ignore"},
+        capture_output=True,
+        text=True,
+    )
+    assert driver.returncode == -signal.SIGKILL, driver.stderr
+    (run_dir,) = run_dirs(tmp_path)
+    module = module_of(script)
+    assert (run_dir / (module.CHECKPOINT_FILE + ".tmp")).exists()  # the half-written file
+    _, host_state = module.read_checkpoint(str(run_dir))
+    assert host_state["global_step"] == 390  # the third checkpoint survived the fourth's write
+    assert compared(resume(script, tmp_path)) == compared(expected)
+
+
+def test_sigterm_writes_a_checkpoint_and_the_run_resumes_exactly(reference, tmp_path):
+    script, expected, _ = reference
+    process = start(script, *FLAGS, cwd=tmp_path)
+    wait_for_step(process, 450)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert "checkpoint written to" in stderr and "--resume" in stderr
+    (run_dir,) = run_dirs(tmp_path)
+    _, host_state = module_of(script).read_checkpoint(str(run_dir))
+    assert 450 <= host_state["global_step"] < 1000
+    assert compared(resume(script, tmp_path)) == compared(expected)
+
+
+def test_the_checkpoint_holds_the_brn_step_counters(reference):
+    script, _, run_dir = reference
+    arrays, host_state = module_of(script).read_checkpoint(str(run_dir))
+    assert host_state["global_step"] == 910
+    critic_updates = 910 - 200
+    for network, updates in [("critic", critic_updates), ("actor", critic_updates // 3)]:
+        prefix = f"agent/{network}/batch_stats/"
+        counters = [value for path, value in arrays.items() if path.startswith(prefix) and path.endswith("/steps")]
+        assert counters and all((np.asarray(c) == updates).all() for c in counters), network
+
+
+@pytest.mark.parametrize(
+    "spoil,message",
+    [
+        ("garbage", "is not a readable checkpoint"),
+        ("truncated", "is not a readable checkpoint"),
+        ("other_script", "was written by sac_jax"),
+        ("other_env", "the checkpoint is of a run on Pendulum-v1, not on Hopper-v4"),
+        ("other_width", "--critic-width is 32 in the checkpoint, not 64"),
+        ("missing", "no checkpoint at"),
+    ],
+)
+def test_bad_checkpoints_are_refused_with_one_line(reference, tmp_path, spoil, message):
+    script, _, run_dir = reference
+    module = module_of(script)
+    good = run_dir / module.CHECKPOINT_FILE
+    bad = tmp_path / "bad.npz"
+    extra = []
+    if spoil == "garbage":
+        bad.write_bytes(os.urandom(4096))
+    elif spoil == "truncated":
+        bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    elif spoil == "other_script":
+        arrays, host_state = module.read_checkpoint(str(good))
+        module.write_checkpoint(str(bad), arrays, {**host_state, "script": "sac_jax"})
+    elif spoil == "missing":
+        bad = tmp_path
+    else:
+        bad = good
+        extra = ["--env-id", "Hopper-v4"] if spoil == "other_env" else ["--critic-width", "64"]
+    result = run_script(script, "--resume", str(bad), *extra, cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+
+
+def test_divergence_leaves_the_last_good_checkpoint_intact(tmp_path, monkeypatch):
+    """Rewards of 1e30 overflow the TD loss after step 300; no poisoned checkpoint may be written."""
+    import test_crossq_jax  # registers the misbehaving env
+
+    module = module_of("crossq_jax.py")
+    monkeypatch.chdir(tmp_path)
+    args = dataclasses.replace(
+        test_crossq_jax.small_args(env_id="HugeRewardAfter300-v0", learning_starts=100),
+        total_timesteps=2000,
+        checkpoint_freq=50,
+        eval_freq=0,
+        eval_episodes=1,
+    )
+    with pytest.raises(FloatingPointError, match=r"at env step (\d+)") as error:
+        module.train(args)
+    diverged_at = int(error.value.args[0].split("env step ")[1].split()[0])
+    (run_dir,) = run_dirs(tmp_path)
+    arrays, host_state = module.read_checkpoint(str(run_dir))
+    assert 250 <= host_state["global_step"] < diverged_at
+    agent = [value for path, value in arrays.items() if path.startswith("agent/") and value.dtype.kind == "f"]
+    assert agent and all(np.isfinite(value).all() for value in agent)
+
+
+def test_unwritable_output_directory_is_refused(tmp_path):
+    (tmp_path / "runs").write_text("not a directory")
+    result = run_script("crossq_jax.py", "--env-id", "Pendulum-v1", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: cannot write the run directory runs/Pendulum-v1__")
+
+
+def test_a_full_disk_is_refused_before_training(tmp_path, monkeypatch):
+    module = module_of("crossq_jax.py")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(module.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1000})())
+    args = dataclasses.replace(module.Args(), env_id="Pendulum-v1", checkpoint_freq=1000, critic_width=16)
+    with pytest.raises(module.ConfigError, match="GB free; a checkpoint of this run needs"):
+        module.train(args)
