@@ -1,0 +1,449 @@
+"""Behavioural tests of sac_jax.py: Polyak targets, REDQ's subset min, DroQ's dropout, UTD, presets, CLI."""
+
+import dataclasses
+import json
+
+import flax
+import gymnasium as gym
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import read_scalars, run_dirs
+
+import sac_jax as sac
+
+OBS_DIM, ACTION_DIM = 3, 2
+
+
+def small_args(preset: str = "sac", **overrides) -> sac.Args:
+    defaults = {"critic_width": 16, "actor_width": 16, "batch_size": 8, "learning_starts": 8, "buffer_size": 64}
+    return dataclasses.replace(sac.PRESETS[preset][1], **{**defaults, **overrides})
+
+
+def filled_buffer(args: sac.Args, n: int = 16, seed: int = 0) -> sac.ReplayBuffer:
+    rng = np.random.default_rng(seed)
+    buffer = sac.ReplayBuffer.create(args.buffer_size, OBS_DIM, ACTION_DIM)
+    for i in range(n):
+        transition = sac.Transition(
+            jnp.asarray(rng.normal(size=OBS_DIM), jnp.float32),
+            jnp.asarray(rng.uniform(-1, 1, ACTION_DIM), jnp.float32),
+            jnp.float32(rng.normal()),
+            jnp.asarray(rng.normal(size=OBS_DIM), jnp.float32),
+            jnp.float32(i % 5 == 0),
+        )
+        buffer = sac.buffer_add(buffer, transition)
+    return buffer
+
+
+def trees_equal(a, b) -> bool:
+    return all(jax.tree.leaves(jax.tree.map(np.array_equal, a, b)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Target networks: Polyak averaging after every critic update
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tau", [0.005, 0.3, 1.0])
+def test_polyak_update_is_the_convex_combination(tau):
+    rng = np.random.default_rng(0)
+    online = {"a": rng.normal(size=(3, 4)), "b": {"c": rng.normal(size=5)}}
+    target = jax.tree.map(lambda x: rng.normal(size=x.shape), online)
+    updated = sac.polyak_update(jax.tree.map(jnp.asarray, online), jax.tree.map(jnp.asarray, target), tau)
+    for new, o, t in zip(jax.tree.leaves(updated), jax.tree.leaves(online), jax.tree.leaves(target), strict=True):
+        np.testing.assert_allclose(new, tau * o + (1 - tau) * t, rtol=1e-6, atol=1e-6)
+    if tau == 1.0:
+        assert trees_equal(updated, jax.tree.map(jnp.asarray, online))
+
+
+def test_target_critics_start_as_a_copy_and_trail_each_update_by_tau():
+    tau = 0.3
+    args = small_args(tau=tau)
+    buffer = filled_buffer(args)
+    agent = sac.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
+    assert trees_equal(agent.critic.params, agent.critic.target_params)
+    target_before = jax.tree.map(np.asarray, agent.critic.target_params)
+    train_step = sac.make_train_step(args, ACTION_DIM)
+    agent, _ = train_step(agent, buffer, sac.Metrics.initial(), jax.random.PRNGKey(1), 9)
+    expected = jax.tree.map(lambda p, t: tau * np.asarray(p) + (1 - tau) * t, agent.critic.params, target_before)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), agent.critic.target_params, expected
+    )
+    assert not trees_equal(agent.critic.target_params, agent.critic.params)  # tau < 1: the target lags
+
+
+def test_with_tau_one_the_target_equals_the_critic_after_the_last_of_several_updates():
+    args = small_args(tau=1.0, utd=3)
+    agent = sac.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
+    agent, _ = sac.make_train_step(args, ACTION_DIM)(
+        agent, filled_buffer(args), sac.Metrics.initial(), jax.random.PRNGKey(1), 9
+    )
+    assert int(agent.critic.step) == 3
+    assert trees_equal(agent.critic.target_params, agent.critic.params)
+
+
+def test_td_target_bootstraps_from_the_target_critics_on_next_states():
+    """Zero the target critics' output layer: y must become r - gamma * (1 - done) * alpha * log pi(a'|s')."""
+    args = small_args()
+    agent = sac.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
+    zeroed = flax.traverse_util.flatten_dict(agent.critic.target_params)
+    zeroed = {k: (jnp.zeros_like(v) if "Dense_2" in k else v) for k, v in zeroed.items()}
+    agent = agent._replace(critic=agent.critic.replace(target_params=flax.traverse_util.unflatten_dict(zeroed)))
+    batch = sac.buffer_sample(filled_buffer(args), jax.random.PRNGKey(2), args.batch_size)
+    key = jax.random.PRNGKey(3)
+    y = sac.td_target(agent, batch, key, args.gamma, args.target_subset_size)
+
+    action_key, _ = jax.random.split(key)
+    mean, log_std = agent.actor.apply_fn(sac.variables_of(agent.actor), batch.next_obs)
+    _, next_logp = sac.sample_tanh_gaussian(mean, log_std, action_key)
+    expected = batch.rewards - args.gamma * (1 - batch.terminations) * 1.0 * next_logp  # alpha = 1 at start
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+    # The online critics (not zeroed) would give another target: the check has teeth.
+    online_q = agent.critic.apply_fn({"params": agent.critic.params}, batch.next_obs, jnp.tanh(mean), train=False)
+    assert np.abs(np.asarray(online_q)).max() > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# REDQ: the target is the min over a random subset of M target critics
+# ---------------------------------------------------------------------------------------------
+
+
+def test_redq_target_is_the_min_over_a_random_subset_of_target_critics():
+    args = small_args("redq")
+    assert (args.n_critics, args.target_subset_size) == (10, 2)
+    agent = sac.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
+    rng = np.random.default_rng(1)
+    obs = jnp.asarray(rng.normal(size=(32, OBS_DIM)), jnp.float32)
+    actions = jnp.asarray(rng.uniform(-1, 1, (32, ACTION_DIM)), jnp.float32)
+    q_all = np.asarray(agent.critic.apply_fn({"params": agent.critic.target_params}, obs, actions, train=False))
+    assert q_all.shape == (10, 32)
+
+    subsets, differs_from_full_min = set(), 0
+    for seed in range(30):
+        key = jax.random.PRNGKey(seed)
+        min_q, subset = sac.target_min_q(agent.critic, obs, actions, key, args.target_subset_size)
+        subset = tuple(int(i) for i in subset)
+        assert len(set(subset)) == 2 and all(0 <= i < 10 for i in subset)
+        np.testing.assert_allclose(min_q, q_all[list(subset)].min(0), rtol=1e-5, atol=1e-6)  # over the subset only
+        differs_from_full_min += not np.allclose(min_q, q_all.min(0))
+        subsets.add(frozenset(subset))
+        again, same = sac.target_min_q(agent.critic, obs, actions, key, args.target_subset_size)
+        assert tuple(int(i) for i in same) == subset and np.array_equal(again, min_q)  # the key decides
+    assert len(subsets) >= 10  # the subset changes with the key
+    assert differs_from_full_min >= 10  # not the min over all ten
+
+
+def test_sac_target_takes_the_min_over_both_target_critics():
+    args = small_args()
+    agent = sac.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
+    obs, actions = jnp.ones((4, OBS_DIM)), jnp.zeros((4, ACTION_DIM))
+    q_all = agent.critic.apply_fn({"params": agent.critic.target_params}, obs, actions, train=False)
+    min_q, subset = sac.target_min_q(agent.critic, obs, actions, jax.random.PRNGKey(5), args.target_subset_size)
+    assert sorted(int(i) for i in subset) == [0, 1]
+    np.testing.assert_allclose(min_q, q_all.min(0), rtol=1e-6)
+
+
+def test_redq_actor_loss_uses_the_mean_and_sac_the_min_over_all_critics():
+    for preset, reduce in [("sac", np.min), ("redq", np.mean)]:
+        args = small_args(preset)
+        agent = sac.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
+        obs = jnp.asarray(np.random.default_rng(0).normal(size=(8, OBS_DIM)), jnp.float32)
+        key = jax.random.PRNGKey(3)
+        loss, _ = sac.actor_loss(agent.actor.params, agent, obs, key, args.actor_q_reduce)
+        sample_key, _ = jax.random.split(key)
+        actions, logp = sac.sample_tanh_gaussian(*agent.actor.apply_fn(sac.variables_of(agent.actor), obs), sample_key)
+        q = np.asarray(agent.critic.apply_fn(sac.variables_of(agent.critic), obs, actions, train=False))
+        np.testing.assert_allclose(loss, np.mean(1.0 * logp - reduce(q, axis=0)), rtol=1e-5, err_msg=preset)
+
+
+# ---------------------------------------------------------------------------------------------
+# DroQ: Dropout + LayerNorm critics, dropout active in the target, critic-loss and actor-loss passes
+# ---------------------------------------------------------------------------------------------
+
+
+def droq_setup(preset: str):
+    args = small_args(preset, critic_width=64, batch_size=32)
+    agent = sac.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
+    batch = sac.buffer_sample(filled_buffer(args), jax.random.PRNGKey(1), args.batch_size)
+    return args, agent, batch
+
+
+@pytest.mark.parametrize("preset,layer_norms", [("droq", 2), ("sac", 0)])
+def test_droq_critic_has_a_layer_norm_per_hidden_layer_and_sac_critic_has_none(preset, layer_norms):
+    _, agent, _ = droq_setup(preset)
+    names = {k[1] for k in flax.traverse_util.flatten_dict(agent.critic.params)}
+    assert sum(name.startswith("LayerNorm") for name in names) == layer_norms
+
+
+@pytest.mark.parametrize("preset,dropout_active", [("droq", True), ("sac", False)])
+def test_droq_dropout_is_active_in_target_and_critic_loss_passes(preset, dropout_active):
+    args, agent, batch = droq_setup(preset)
+    target = sac.td_target(agent, batch, jax.random.PRNGKey(2), args.gamma, args.target_subset_size)
+    # Target pass: the subset is all (2 of 2), so only dropout masks can make two keys differ.
+    next_actions = jnp.zeros_like(batch.actions)
+    targets = [
+        sac.target_min_q(agent.critic, batch.next_obs, next_actions, jax.random.PRNGKey(k), 2)[0] for k in (3, 4)
+    ]
+    losses = [sac.critic_loss(agent.critic.params, agent, batch, target, jax.random.PRNGKey(k))[0] for k in (3, 4)]
+    assert (not np.array_equal(*targets)) == dropout_active
+    assert (not np.array_equal(*losses)) == dropout_active
+
+
+@pytest.mark.parametrize("preset,dropout_active", [("droq", True), ("sac", False)])
+def test_droq_dropout_is_active_in_the_actor_loss_pass(preset, dropout_active):
+    args, agent, batch = droq_setup(preset)
+    key = jax.random.PRNGKey(5)
+    loss, _ = sac.actor_loss(agent.actor.params, agent, batch.obs, key, args.actor_q_reduce)
+    sample_key, dropout_key = jax.random.split(key)
+    actions, logp = sac.sample_tanh_gaussian(
+        *agent.actor.apply_fn(sac.variables_of(agent.actor), batch.obs), sample_key
+    )
+    reduce = jnp.mean if args.actor_q_reduce == "mean" else jnp.min
+
+    def loss_with(train: bool):
+        variables = sac.variables_of(agent.critic)
+        q = agent.critic.apply_fn(variables, batch.obs, actions, train=train, rngs={"dropout": dropout_key})
+        return float(jnp.mean(logp - reduce(q, axis=0)))
+
+    np.testing.assert_allclose(loss, loss_with(train=True), rtol=1e-5)
+    assert (not np.isclose(loss, loss_with(train=False), rtol=1e-6, atol=0)) == dropout_active
+
+
+# ---------------------------------------------------------------------------------------------
+# The update schedule: UTD critic updates and one actor update per env step, in one jitted scan
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset,utd", [("sac", 1), ("redq", 20), ("droq", 20)])
+def test_each_env_step_runs_utd_critic_updates_and_one_actor_update(preset, utd):
+    args = small_args(preset)
+    assert (args.utd, args.policy_delay) == (utd, utd)
+    buffer = filled_buffer(args)
+    agent = sac.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
+    train_step = sac.make_train_step(args, ACTION_DIM)
+    metrics, key = sac.Metrics.initial(), jax.random.PRNGKey(1)
+    for env_step in range(1, 4):
+        actor_before = jax.tree.map(np.asarray, agent.actor.params)
+        key, step_key = jax.random.split(key)
+        agent, metrics = train_step(agent, buffer, metrics, step_key, env_step)
+        assert int(agent.critic.step) == env_step * utd
+        assert int(agent.actor.step) == int(agent.log_alpha.step) == env_step
+        assert not trees_equal(actor_before, agent.actor.params)
+    assert int(metrics.nonfinite_step) == -1
+
+
+def test_the_utd_updates_are_one_scan_not_an_unrolled_python_loop():
+    def traced_size(utd: int) -> tuple[str, int]:
+        args = small_args(utd=utd, policy_delay=utd)
+        agent = sac.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
+        step = sac.make_train_step(args, ACTION_DIM)
+        text = str(jax.make_jaxpr(step)(agent, filled_buffer(args), sac.Metrics.initial(), jax.random.PRNGKey(1), 9))
+        return text, len(text)
+
+    text_20, size_20 = traced_size(20)
+    _, size_1 = traced_size(1)
+    assert "scan" in text_20 and "length=20" in text_20
+    assert size_20 < 1.2 * size_1  # 20 unrolled updates would trace ~20 times the program
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets and the command line
+# ---------------------------------------------------------------------------------------------
+
+ISSUE_FLAGS = [
+    "--env-id",
+    "--seed",
+    "--total-timesteps",
+    "--learning-starts",
+    "--gamma",
+    "--learning-rate",
+    "--buffer-size",
+    "--batch-size",
+    "--activation",
+    "--layer-norm",
+    "--dropout-rate",
+    "--critic-width",
+    "--actor-width",
+    "--tau",
+    "--adam-b1",
+    "--utd",
+    "--policy-delay",
+    "--n-critics",
+    "--target-subset-size",
+    "--actor-q-reduce",
+    "--eval-freq",
+    "--eval-episodes",
+    "--log-freq",
+    "--save-model",
+    "--exp-name",
+    "--track",
+    "--wandb-project-name",
+    "--wandb-entity",
+    "--capture-video",
+]
+
+TABLE_1 = ["gamma", "learning_rate", "buffer_size", "batch_size", "activation", "layer_norm", "dropout_rate"]
+TABLE_1 += ["critic_width", "tau", "adam_b1", "utd", "policy_delay", "n_critics", "target_subset_size"]
+
+
+@pytest.mark.parametrize(
+    "preset,column",
+    [
+        ("sac", [0.99, 1e-3, 1_000_000, 256, "relu", False, 0.0, 256, 0.005, 0.9, 1, 1, 2, 2]),
+        ("redq", [0.99, 1e-3, 1_000_000, 256, "relu", False, 0.0, 256, 0.005, 0.9, 20, 20, 10, 2]),
+        ("droq", [0.99, 1e-3, 1_000_000, 256, "relu", True, 0.01, 256, 0.005, 0.9, 20, 20, 2, 2]),
+    ],
+)
+def test_presets_are_table_1_columns_and_every_flag_overrides_them(preset, column):
+    args = sac.parse_args([preset])
+    assert [getattr(args, name) for name in TABLE_1] == column
+    assert args.actor_q_reduce == ("min" if preset == "sac" else "mean")
+    assert args.exp_name == "sac_jax" + ("" if preset == "sac" else f"_{preset}")
+    overridden = sac.parse_args([preset, "--env-id", "Walker2d-v4", "--utd", "5", "--dropout-rate", "0.1"])
+    assert (overridden.env_id, overridden.utd, overridden.dropout_rate) == ("Walker2d-v4", 5, 0.1)
+    assert overridden.n_critics == args.n_critics  # the rest stays the preset's
+
+
+def test_no_preset_word_is_plain_sac():
+    assert sac.parse_args([]) == sac.Args() == sac.PRESETS["sac"][1]
+    assert sac.parse_args(["--env-id", "Ant-v4"]) == dataclasses.replace(sac.Args(), env_id="Ant-v4")
+
+
+def test_help_lists_every_flag_and_a_preset_shows_its_values(script_runner):
+    result, _ = script_runner("sac_jax.py", "--help")
+    assert result.returncode == 0, result.stderr
+    for flag in ISSUE_FLAGS:
+        assert flag in result.stdout, flag
+    assert "redq" in result.stdout and "droq" in result.stdout
+    assert "(default: 20)" not in result.stdout
+    result, _ = script_runner("sac_jax.py", "redq", "--help")
+    assert result.returncode == 0, result.stderr
+    assert (
+        "sac_jax.py redq" in result.stdout and "(default: 20)" in result.stdout and "(default: mean)" in result.stdout
+    )
+
+
+@pytest.mark.parametrize(
+    "preset,flags,message",
+    [
+        ("redq", ["--target-subset-size", "11"], "--target-subset-size must lie between 1 and --n-critics (10)"),
+        ("sac", ["--target-subset-size", "0"], "--target-subset-size must lie between 1 and --n-critics (2)"),
+        ("sac", ["--n-critics", "1"], "--target-subset-size must lie between 1 and --n-critics (1)"),
+        ("sac", ["--tau", "0"], "--tau must lie in (0, 1]"),
+        ("sac", ["--tau", "1.5"], "--tau must lie in (0, 1]"),
+        ("droq", ["--dropout-rate", "1.0"], "--dropout-rate must lie in [0, 1)"),
+        ("droq", ["--dropout-rate", "-0.1"], "--dropout-rate must lie in [0, 1)"),
+        ("sac", ["--batch-size", "0"], "--batch-size must be positive"),
+        ("sac", ["--critic-width", "-1"], "--critic-width must be positive"),
+        ("redq", ["--utd", "0"], "--utd must be positive"),
+        ("sac", ["--learning-starts", "100"], "--learning-starts (100) must be at least --batch-size (256)"),
+        ("sac", ["--learning-rate", "nan"], "--learning-rate must be positive"),
+        ("sac", ["--gamma", "1.5"], "--gamma must lie in [0, 1]"),
+        ("sac", ["--adam-b1", "1"], "--adam-b1 must lie in [0, 1)"),
+    ],
+)
+def test_nonsensical_hyperparameters_are_rejected(preset, flags, message):
+    with pytest.raises(sac.ConfigError) as error:
+        sac.check_args(sac.parse_args([preset, *flags]))
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "env_id,message",
+    [("CartPole-v1", "SAC needs a continuous Box action space"), ("NoSuchEnv-v0", "cannot make env 'NoSuchEnv-v0'")],
+)
+def test_unusable_envs_are_rejected(env_id, message):
+    with pytest.raises(sac.ConfigError) as error:
+        sac.check_env(env_id)
+    assert message in str(error.value)
+
+
+def test_bad_input_exits_with_one_line_before_any_compute(script_runner):
+    result, cwd = script_runner("sac_jax.py", "redq", "--target-subset-size", "11")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines == [lines[-1]] and lines[0].startswith("error: --target-subset-size"), result.stderr
+    assert not run_dirs(cwd)  # nothing was started
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: each preset trains, evaluates, logs and saves on MuJoCo; divergence; learning
+# ---------------------------------------------------------------------------------------------
+
+TINY = [
+    *["--env-id", "Hopper-v4", "--total-timesteps", "300", "--learning-starts", "256", "--batch-size", "32"],
+    *["--critic-width", "32", "--actor-width", "32", "--buffer-size", "1000", "--eval-episodes", "1"],
+    *["--log-freq", "100", "--save-model"],
+]
+
+
+@pytest.mark.parametrize("preset", ["sac", "redq", "droq"])
+def test_smoke_run_of_each_preset_on_mujoco(script_runner, preset):
+    result, cwd = script_runner("sac_jax.py", preset, *TINY)
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = run_dirs(cwd)
+    args = sac.Args(**json.loads((run_dir / "args.json").read_text()))
+    assert args == sac.parse_args([preset, *TINY])
+    assert f"__{args.exp_name}__" in run_dir.name
+    scalars = read_scalars(run_dir)
+    for tag in ["charts/episodic_return", "charts/episodic_length", "charts/SPS"]:
+        assert tag in scalars, tag
+    for tag in ["losses/qf_loss", "losses/qf_values", "losses/actor_loss", "losses/alpha", "losses/alpha_loss"]:
+        assert [step for step, _ in scalars[tag]] == [300], tag
+    assert [step for step, _ in scalars["eval/episodic_return"]] == [300]
+
+    env = sac.make_env(args.env_id, seed=0)()
+    agent = sac.create_agent(args, env.observation_space.shape[0], env.action_space.shape[0], jax.random.PRNGKey(0))
+    template = {
+        "actor": sac.variables_of(agent.actor),
+        "critic": sac.variables_of(agent.critic),
+        "target_critic": {"params": agent.critic.target_params},
+    }
+    saved = flax.serialization.from_bytes(template, (run_dir / f"{args.exp_name}.crossq_model").read_bytes())
+    assert not trees_equal(saved["critic"], saved["target_critic"])
+    returns = sac.evaluate(agent.actor.replace(**saved["actor"]), env, n_episodes=1)
+    assert np.isfinite(returns[0])
+
+
+class NaNAfter(gym.Env):
+    """A 1-D continuous env whose reward turns NaN from step `bad_step` on."""
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+    action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+    def __init__(self, bad_step: int = 300):
+        self.bad_step, self.t = bad_step, 0
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return self.np_random.uniform(-1, 1, 2).astype(np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        reward = float("nan") if self.t >= self.bad_step else float(-(action**2).sum())
+        return self.np_random.uniform(-1, 1, 2).astype(np.float32), reward, False, self.t % 50 == 0, {}
+
+
+def test_divergence_stops_training_and_names_the_step(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    gym.register("SacNaNAfter-v0", entry_point=NaNAfter)
+    args = small_args(env_id="SacNaNAfter-v0", total_timesteps=2000, learning_starts=100, log_freq=50, eval_freq=0)
+    args = dataclasses.replace(args, eval_episodes=1)
+    with pytest.raises(FloatingPointError, match=r"NaN/inf at env step (\d+)") as error:
+        sac.train(args)
+    step = int(error.value.args[0].split("env step ")[1].split()[0])
+    assert 300 <= step <= 400  # the NaN reward enters at 300 and is sampled soon after
+
+
+@pytest.mark.slow
+def test_sac_learns_pendulum(script_runner):
+    """Plain SAC (Table 1 defaults): deterministic eval return >= -250 within 8000 env steps, seed 1."""
+    result, cwd = script_runner(
+        "sac_jax.py",
+        *["--env-id", "Pendulum-v1", "--learning-starts", "1000", "--seed", "1"],
+        *["--total-timesteps", "8000", "--eval-freq", "1000", "--eval-episodes", "10"],
+    )
+    assert result.returncode == 0, result.stderr
+    evals = dict(read_scalars(run_dirs(cwd)[0])["eval/episodic_return"])
+    assert max(evals.values()) >= -250, evals
