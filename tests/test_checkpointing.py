@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from conftest import REPO, read_scalars, run_dirs, run_script
 
-SCRIPTS = ["crossq_jax.py"]
+SCRIPTS = ["crossq_jax.py", "crossq_td3_jax.py", "sac_jax.py"]
+POLICY_DELAY = {"crossq_jax.py": 3, "crossq_td3_jax.py": 3, "sac_jax.py": 1}  # their defaults
 
 # Pendulum episodes last 200 steps: checkpoints every 130 steps fall mid-episode.
 FLAGS = [
@@ -134,15 +135,19 @@ def test_sigterm_writes_a_checkpoint_and_the_run_resumes_exactly(reference, tmp_
     assert compared(resume(script, tmp_path)) == compared(expected)
 
 
-def test_the_checkpoint_holds_the_brn_step_counters(reference):
+def test_the_checkpoint_holds_the_update_and_brn_step_counters(reference):
     script, _, run_dir = reference
     arrays, host_state = module_of(script).read_checkpoint(str(run_dir))
     assert host_state["global_step"] == 910
     critic_updates = 910 - 200
-    for network, updates in [("critic", critic_updates), ("actor", critic_updates // 3)]:
+    actor_updates = critic_updates // POLICY_DELAY[script]
+    assert int(arrays["agent/critic/step"]) == critic_updates
+    assert int(arrays["agent/actor/step"]) == actor_updates
+    for network, updates in [("critic", critic_updates), ("actor", actor_updates)]:
         prefix = f"agent/{network}/batch_stats/"
         counters = [value for path, value in arrays.items() if path.startswith(prefix) and path.endswith("/steps")]
-        assert counters and all((np.asarray(c) == updates).all() for c in counters), network
+        if script != "sac_jax.py":  # SAC has no BatchNorm
+            assert counters and all((np.asarray(c) == updates).all() for c in counters), network
 
 
 @pytest.mark.parametrize(
@@ -150,7 +155,7 @@ def test_the_checkpoint_holds_the_brn_step_counters(reference):
     [
         ("garbage", "is not a readable checkpoint"),
         ("truncated", "is not a readable checkpoint"),
-        ("other_script", "was written by sac_jax"),
+        ("other_script", "was written by another_script"),
         ("other_env", "the checkpoint is of a run on Pendulum-v1, not on Hopper-v4"),
         ("other_width", "--critic-width is 32 in the checkpoint, not 64"),
         ("missing", "no checkpoint at"),
@@ -168,7 +173,7 @@ def test_bad_checkpoints_are_refused_with_one_line(reference, tmp_path, spoil, m
         bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     elif spoil == "other_script":
         arrays, host_state = module.read_checkpoint(str(good))
-        module.write_checkpoint(str(bad), arrays, {**host_state, "script": "sac_jax"})
+        module.write_checkpoint(str(bad), arrays, {**host_state, "script": "another_script"})
     elif spoil == "missing":
         bad = tmp_path
     else:
@@ -180,18 +185,18 @@ def test_bad_checkpoints_are_refused_with_one_line(reference, tmp_path, spoil, m
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
 
 
-def test_divergence_leaves_the_last_good_checkpoint_intact(tmp_path, monkeypatch):
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_divergence_leaves_the_last_good_checkpoint_intact(script, tmp_path, monkeypatch):
     """Rewards of 1e30 overflow the TD loss after step 300; no poisoned checkpoint may be written."""
-    import test_crossq_jax  # registers the misbehaving env
+    import test_crossq_jax  # noqa: F401  (registers the misbehaving envs)
 
-    module = module_of("crossq_jax.py")
+    module = module_of(script)
     monkeypatch.chdir(tmp_path)
     args = dataclasses.replace(
-        test_crossq_jax.small_args(env_id="HugeRewardAfter300-v0", learning_starts=100),
-        total_timesteps=2000,
-        checkpoint_freq=50,
-        eval_freq=0,
-        eval_episodes=1,
+        module.Args(),
+        env_id="HugeRewardAfter300-v0",
+        **{"critic_width": 16, "actor_width": 16, "batch_size": 8, "learning_starts": 100, "buffer_size": 1000},
+        **{"total_timesteps": 2000, "checkpoint_freq": 50, "eval_freq": 0, "eval_episodes": 1},
     )
     with pytest.raises(FloatingPointError, match=r"at env step (\d+)") as error:
         module.train(args)
@@ -203,15 +208,17 @@ def test_divergence_leaves_the_last_good_checkpoint_intact(tmp_path, monkeypatch
     assert agent and all(np.isfinite(value).all() for value in agent)
 
 
-def test_unwritable_output_directory_is_refused(tmp_path):
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_unwritable_output_directory_is_refused(script, tmp_path):
     (tmp_path / "runs").write_text("not a directory")
-    result = run_script("crossq_jax.py", "--env-id", "Pendulum-v1", cwd=tmp_path)
+    result = run_script(script, "--env-id", "Pendulum-v1", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: cannot write the run directory runs/Pendulum-v1__")
 
 
-def test_a_full_disk_is_refused_before_training(tmp_path, monkeypatch):
-    module = module_of("crossq_jax.py")
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_full_disk_is_refused_before_training(script, tmp_path, monkeypatch):
+    module = module_of(script)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(module.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1000})())
     args = dataclasses.replace(module.Args(), env_id="Pendulum-v1", checkpoint_freq=1000, critic_width=16)
