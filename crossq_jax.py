@@ -689,15 +689,17 @@ def write_checkpoint(path: str, device_state: dict, host_state: dict) -> None:
         raise ConfigError(f"cannot write checkpoint {path}: {e.strerror}") from None
 
 
-def read_checkpoint(path: str) -> tuple[dict, dict]:
-    """({"agent/critic/params/...": array}, host state) of a checkpoint of this script; one-line errors otherwise."""
+def read_checkpoint(path: str, with_arrays: bool = True) -> tuple[dict, dict]:
+    """({"agent/critic/params/...": array}, host state) of a checkpoint of this script; one-line errors
+    otherwise. `with_arrays=False` reads the host state alone (the archive's members load lazily)."""
     path = checkpoint_file(path)
     if not os.path.exists(path):
         raise ConfigError(f"no checkpoint at {path}")
     try:
         with np.load(path, allow_pickle=False) as data:
-            arrays = {name: data[name] for name in data.files}
-        host_state = json.loads(arrays.pop("__host_state__").tobytes())
+            host_state = json.loads(data["__host_state__"].tobytes())
+            names = [name for name in data.files if name != "__host_state__"] if with_arrays else []
+            arrays = {name: data[name] for name in names}
     except Exception as e:  # a truncated or foreign file fails in many ways inside zipfile and numpy
         raise ConfigError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
     if host_state.get("script") != SCRIPT_NAME:
@@ -715,8 +717,11 @@ def restore(template: Any, arrays: dict) -> Any:
     return flax.serialization.from_state_dict(template, state)
 
 
-def check_resume(args: Args, saved: dict) -> None:
+def check_resume(args: Args, host_state: dict) -> None:
     """A resumed run keeps its env and hyperparameters; only RESUMABLE_FLAGS may change."""
+    saved, step = host_state["args"], host_state["global_step"]
+    if args.total_timesteps <= step:
+        raise ConfigError(f"the checkpoint is at env step {step}: pass a --total-timesteps above it to continue")
     if args.env_id != saved["env_id"]:
         raise ConfigError(f"the checkpoint is of a run on {saved['env_id']}, not on {args.env_id}")
     changed = [name for name, value in dataclasses.asdict(args).items() if name not in RESUMABLE_FLAGS]
@@ -760,14 +765,14 @@ def train(args: Args) -> dict:
     check_optional_dependencies(args)
     if args.resume:
         saved_arrays, saved = read_checkpoint(args.resume)
-        check_resume(args, saved["args"])
+        check_resume(args, saved)
         run_name, run_dir = saved["run_name"], os.path.dirname(os.path.abspath(checkpoint_file(args.resume)))
     else:
         saved_arrays, saved = None, None
         run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
         run_dir = os.path.join("runs", run_name)
     try:
-        os.makedirs(run_dir, exist_ok=True)
+        os.makedirs(run_dir, exist_ok=args.resume is not None)
         with open(os.path.join(run_dir, ARGS_FILE), "w") as f:
             json.dump(dataclasses.asdict(args), f, indent=2)
     except OSError as e:
@@ -789,7 +794,8 @@ def train(args: Args) -> dict:
     buffer = ReplayBuffer.create(args.buffer_size, obs_dim, action_dim)
     metrics = Metrics.initial()
     if args.checkpoint_freq:
-        needed = sum(np.asarray(x).nbytes for x in jax.tree.leaves((agent, buffer)))
+        # A full checkpoint, twice: the previous one stays until the next is complete.
+        needed = 2 * sum(np.asarray(x).nbytes for x in jax.tree.leaves((agent, buffer)))
         free = shutil.disk_usage(run_dir).free
         if free < needed:
             raise ConfigError(
@@ -979,7 +985,7 @@ def parse_args(argv: list[str] | None = None) -> Args:
     """The command line; with --resume, flags not given take the checkpoint's values."""
     args = tyro.cli(Args, args=argv)
     if args.resume:
-        _, saved = read_checkpoint(args.resume)
+        _, saved = read_checkpoint(args.resume, with_arrays=False)
         defaults = dataclasses.replace(Args(**saved["args"]), resume=args.resume)
         args = tyro.cli(Args, args=argv, default=defaults)
     return args
@@ -995,7 +1001,5 @@ if __name__ == "__main__":
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except Preempted as e:
-        print(
-            f"{e}; continue with: python {sys.argv[0]} --resume {os.path.dirname(str(e).split()[-1])}", file=sys.stderr
-        )
+        print(f"{e}; continue with: python {sys.argv[0]} --resume {os.path.dirname(e.checkpoint)}", file=sys.stderr)
         sys.exit(128 + e.signum)

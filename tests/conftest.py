@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gymnasium as gym
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,3 +46,28 @@ def script_runner(tmp_path):
         return run_script(script, *args, cwd=tmp_path, timeout=timeout), tmp_path
 
     return run
+
+
+class BadRewardAfter(gym.Env):
+    """A small continuous env whose reward turns into `bad_reward` from step `bad_step` on."""
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+    action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+    def __init__(self, bad_step: int = 300, bad_reward: float = float("nan")):
+        self.bad_step, self.bad_reward, self.t = bad_step, bad_reward, 0
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return self.np_random.uniform(-1, 1, 2).astype(np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        reward = self.bad_reward if self.t >= self.bad_step else float(-(action**2).sum())
+        return self.np_random.uniform(-1, 1, 2).astype(np.float32), reward, False, self.t % 50 == 0, {}
+
+
+# Misbehaving envs for the divergence tests: a NaN reward (an env bug), and a finite reward of
+# 1e30 whose squared TD error overflows float32 (a loss that diverges).
+gym.register("NaNRewardAfter300-v0", entry_point=BadRewardAfter)
+gym.register("HugeRewardAfter300-v0", entry_point=lambda: BadRewardAfter(300, 1e30))

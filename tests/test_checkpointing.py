@@ -159,6 +159,7 @@ def test_the_checkpoint_holds_the_update_and_brn_step_counters(reference):
         ("other_env", "the checkpoint is of a run on Pendulum-v1, not on Hopper-v4"),
         ("other_width", "--critic-width is 32 in the checkpoint, not 64"),
         ("missing", "no checkpoint at"),
+        ("too_short", "the checkpoint is at env step 910: pass a --total-timesteps above it"),
     ],
 )
 def test_bad_checkpoints_are_refused_with_one_line(reference, tmp_path, spoil, message):
@@ -178,7 +179,11 @@ def test_bad_checkpoints_are_refused_with_one_line(reference, tmp_path, spoil, m
         bad = tmp_path
     else:
         bad = good
-        extra = ["--env-id", "Hopper-v4"] if spoil == "other_env" else ["--critic-width", "64"]
+        extra = {
+            "other_env": ["--env-id", "Hopper-v4"],
+            "other_width": ["--critic-width", "64"],
+            "too_short": ["--total-timesteps", "900"],
+        }[spoil]
     result = run_script(script, "--resume", str(bad), *extra, cwd=tmp_path)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
@@ -188,8 +193,6 @@ def test_bad_checkpoints_are_refused_with_one_line(reference, tmp_path, spoil, m
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_divergence_leaves_the_last_good_checkpoint_intact(script, tmp_path, monkeypatch):
     """Rewards of 1e30 overflow the TD loss after step 300; no poisoned checkpoint may be written."""
-    import test_crossq_jax  # noqa: F401  (registers the misbehaving envs)
-
     module = module_of(script)
     monkeypatch.chdir(tmp_path)
     args = dataclasses.replace(

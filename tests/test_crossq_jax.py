@@ -4,7 +4,6 @@ import dataclasses
 import json
 
 import flax
-import gymnasium as gym
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -408,29 +407,6 @@ def test_same_seed_gives_identical_runs(script_runner, tmp_path):
         logs.append(read_scalars(run_dirs(cwd)[-1]))
     for tag in ["charts/episodic_return", "losses/qf_loss", "losses/actor_loss", "eval/episodic_return"]:
         assert logs[0][tag] == logs[1][tag], tag
-
-
-class BadRewardAfter(gym.Env):
-    """A small continuous env whose reward turns into `bad_reward` from step `bad_step` on."""
-
-    observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
-    action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
-
-    def __init__(self, bad_step: int = 300, bad_reward: float = float("nan")):
-        self.bad_step, self.bad_reward, self.t = bad_step, bad_reward, 0
-
-    def reset(self, *, seed=None, options=None):
-        super().reset(seed=seed)
-        return self.np_random.uniform(-1, 1, 2).astype(np.float32), {}
-
-    def step(self, action):
-        self.t += 1
-        reward = self.bad_reward if self.t >= self.bad_step else float(-(action**2).sum())
-        return self.np_random.uniform(-1, 1, 2).astype(np.float32), reward, False, self.t % 50 == 0, {}
-
-
-gym.register("NaNRewardAfter300-v0", entry_point=BadRewardAfter)
-gym.register("HugeRewardAfter300-v0", entry_point=lambda: BadRewardAfter(300, 1e30))
 
 
 def test_an_env_that_returns_nan_stops_the_run_at_that_step(tmp_path, monkeypatch):

@@ -5,12 +5,11 @@ import json
 import re
 
 import flax
-import gymnasium as gym
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import read_scalars, run_dirs
+from conftest import read_scalars, run_dirs, run_script
 
 import crossq_td3_jax as m
 
@@ -211,12 +210,11 @@ def test_actor_changes_exactly_every_policy_delay_critic_updates(policy_delay, u
     args = tiny_args(policy_delay=policy_delay, utd=utd)
     agent = m.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
     buffer = full_buffer(args, jax.random.PRNGKey(1))
-    transition = jax.tree.map(lambda x: x[0], random_batch(jax.random.PRNGKey(2), 1))
     train_step, metrics = m.make_train_step(args), m.Metrics.initial()
     actor_changes = []
     for call in range(1, 8):
         before = snapshot((agent.actor.params, agent.critic.params))
-        agent, buffer, metrics = train_step(agent, buffer, transition, metrics, jax.random.PRNGKey(10 + call), call)
+        agent, metrics = train_step(agent, buffer, metrics, jax.random.PRNGKey(10 + call), call)
         critic_updates = call * utd
         assert int(agent.critic.step) == critic_updates
         assert int(agent.actor.step) == critic_updates // policy_delay
@@ -232,11 +230,10 @@ def test_td3_targets_are_polyak_averaged_on_the_actor_schedule():
     agent = m.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
     assert same(agent.targets, m.Targets(agent.actor.params, agent.critic.params))
     buffer = full_buffer(args, jax.random.PRNGKey(1))
-    transition = jax.tree.map(lambda x: x[0], random_batch(jax.random.PRNGKey(2), 1))
     train_step, metrics = m.make_train_step(args), m.Metrics.initial()
     for call in range(1, 5):
         old_targets = snapshot(agent.targets)
-        agent, buffer, metrics = train_step(agent, buffer, transition, metrics, jax.random.PRNGKey(call), call)
+        agent, metrics = train_step(agent, buffer, metrics, jax.random.PRNGKey(call), call)
         if call % 2:
             assert same(old_targets, agent.targets)
         else:
@@ -359,31 +356,84 @@ def test_same_seed_gives_identical_runs(script_runner):
         assert logs[0][tag] == logs[1][tag], tag
 
 
-class NaNRewardAfter(gym.Env):
-    """A tiny continuous env whose reward is NaN from its 300th step on."""
-
-    observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
-    action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
-    t = 0
-
-    def reset(self, *, seed=None, options=None):
-        super().reset(seed=seed)
-        return self.np_random.uniform(-1, 1, 2).astype(np.float32), {}
-
-    def step(self, action):
-        self.t += 1
-        reward = float("nan") if self.t >= 300 else -float((action**2).sum())
-        return self.np_random.uniform(-1, 1, 2).astype(np.float32), reward, False, self.t % 50 == 0, {}
-
-
-def test_divergence_stops_training_and_names_the_step(tmp_path, monkeypatch):
+def test_an_env_that_returns_nan_stops_the_run_at_that_step(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    gym.register("NaNRewardAfterTD3-v0", entry_point=NaNRewardAfter)
-    args = tiny_args(env_id="NaNRewardAfterTD3-v0", total_timesteps=2000, learning_starts=100, log_freq=50)
-    with pytest.raises(FloatingPointError, match=r"NaN/inf at env step (\d+)") as error:
-        m.train(dataclasses.replace(args, eval_freq=0, eval_episodes=1))
+    args = tiny_args(env_id="NaNRewardAfter300-v0", total_timesteps=2000, learning_starts=100, eval_freq=0)
+    with pytest.raises(FloatingPointError, match=r"returned a NaN/inf observation or reward at env step 300$"):
+        m.train(args)
+
+
+@pytest.mark.parametrize("preset", [{}, m.PRESETS["td3"]])
+def test_divergence_stops_training_and_names_the_loss_and_step(tmp_path, monkeypatch, preset):
+    """Rewards of 1e30 are finite, but the squared TD error overflows: the loss becomes inf."""
+    monkeypatch.chdir(tmp_path)
+    args = tiny_args(**preset, env_id="HugeRewardAfter300-v0", total_timesteps=2000, learning_starts=100)
+    args = dataclasses.replace(args, critic_width=16, log_freq=50, eval_freq=0, eval_episodes=1)
+    with pytest.raises(FloatingPointError, match=r"losses/qf_loss became NaN/inf at env step (\d+)") as error:
+        m.train(args)
     step = int(re.search(r"env step (\d+)", str(error.value)).group(1))
-    assert 300 <= step <= 400  # the NaN reward enters the buffer at step 300 and is sampled soon after
+    assert 300 <= step <= 400  # the huge reward enters the buffer at step 300 and is sampled soon after
+
+
+# Checkpoints and the td3 preset
+
+
+def fake_checkpoint(path, **args) -> str:
+    """A checkpoint file holding only the host state that parse_args reads: the run's args."""
+    host_state = {"script": m.SCRIPT_NAME, "args": dataclasses.asdict(dataclasses.replace(m.Args(), **args))}
+    m.write_checkpoint(str(path), {}, host_state)
+    return str(path)
+
+
+def test_resume_takes_the_preset_from_the_checkpoint(tmp_path):
+    td3_args = {**m.PRESETS["td3"], "policy_delay": 5, "env_id": "Walker2d-v4"}  # `td3 --policy-delay 5 ...`
+    td3_run = fake_checkpoint(tmp_path / "td3.npz", **td3_args)
+    crossq_run = fake_checkpoint(tmp_path / "crossq.npz", env_id="Walker2d-v4")
+    resumed = m.parse_args(["--resume", td3_run])
+    assert resumed == dataclasses.replace(m.Args(), **td3_args, resume=td3_run)  # td3, without the word
+    assert m.parse_args(["td3", "--resume", td3_run]) == resumed  # the word may restate what the run is
+    assert m.parse_args(["--resume", td3_run, "--total-timesteps", "9"]).total_timesteps == 9
+    assert m.parse_args(["--resume", crossq_run]) == dataclasses.replace(
+        m.Args(), env_id="Walker2d-v4", resume=crossq_run
+    )
+    with pytest.raises(m.ConfigError, match=r"is of a CrossQ-TD3 run \(no target networks\), not of a td3 one"):
+        m.parse_args(["td3", "--resume", crossq_run])
+
+
+def test_the_td3_word_on_a_crossq_checkpoint_is_refused_with_one_line(script_runner, tmp_path):
+    crossq_run = fake_checkpoint(tmp_path / "crossq.npz", env_id="Pendulum-v1")
+    result, cwd = script_runner(SCRIPT, "td3", "--resume", crossq_run, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith("error: ") and "resume it without the word td3" in result.stderr
+    assert run_dirs(cwd) == []
+
+
+def test_a_td3_run_resumes_as_td3_with_its_target_networks(tmp_path):
+    """A td3 run stopped mid-episode at step 350 and resumed without the preset word logs exactly
+    what the uninterrupted run logs: the target networks travel in the checkpoint."""
+    flags = ["--env-id", "Pendulum-v1", "--seed", "5", *TINY_RUN, "--log-freq", "50", "--eval-freq", "50"]
+    reference, stopped = tmp_path / "reference", tmp_path / "stopped"
+    for cwd in (reference, stopped):
+        cwd.mkdir()
+    result = run_script(SCRIPT, "td3", *flags, "--total-timesteps", "500", cwd=reference)
+    assert result.returncode == 0, result.stderr
+    result = run_script(SCRIPT, "td3", *flags, "--total-timesteps", "350", "--checkpoint-freq", "350", cwd=stopped)
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = run_dirs(stopped)
+    arrays, host_state = m.read_checkpoint(str(run_dir))
+    assert host_state["global_step"] == 350 and host_state["args"]["tau"] == 0.005
+    assert any(path.startswith("agent/targets/actor/") for path in arrays)
+    assert any(path.startswith("agent/targets/critic/") for path in arrays)
+
+    result = run_script(SCRIPT, "--resume", str(run_dir), "--total-timesteps", "500", cwd=stopped)
+    assert result.returncode == 0, result.stderr
+    assert "resumed" in result.stdout and run_dirs(stopped) == [run_dir]
+    assert json.loads((run_dir / "args.json").read_text())["exp_name"] == "td3_baseline"
+    expected, got = read_scalars(run_dirs(reference)[0]), read_scalars(run_dir)
+    expected.pop("charts/SPS"), got.pop("charts/SPS")
+    assert [step for step, _ in got["losses/qf_loss"]] == list(range(300, 501, 50))
+    assert got == expected
 
 
 @pytest.mark.slow
