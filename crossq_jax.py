@@ -150,7 +150,7 @@ def make_env(env_id: str, seed: int, capture_video: bool = False, run_name: str 
             env = gym_make(env_id)
         env = gym.wrappers.RecordEpisodeStatistics(env)
         # The agent acts in [-1, 1] (tanh squashing); the wrapper maps to [low, high].
-        env = gym.wrappers.RescaleAction(env, -1.0, 1.0)
+        env = gym.wrappers.RescaleAction(env, np.float32(-1.0), np.float32(1.0))
         env.action_space.seed(seed)
         return env
 
@@ -588,11 +588,15 @@ def make_train_step(args: Args, action_dim: int):
     def train_step(agent: AgentState, buffer: ReplayBuffer, metrics: Metrics, key: jax.Array, step: int):
         # The buffer is only read here: storing happens in its own jitted call, since XLA on CPU
         # copies whole buffer columns when one call both writes and samples the buffer.
-        (agent, metrics), _ = jax.lax.scan(
-            lambda carry, key: (update(*carry, buffer, key), None), (agent, metrics), jax.random.split(key, args.utd)
-        )
+        def update_and_check(carry, key):
+            agent, metrics = update(*carry, buffer, key)
+            return (agent, metrics), jnp.isfinite(jnp.stack([getattr(metrics, name) for name in LOSS_NAMES]))
+
+        (agent, metrics), finite = jax.lax.scan(update_and_check, (agent, metrics), jax.random.split(key, args.utd))
         # Remember the first env step with a NaN/inf loss; the host looks at it only when it logs.
-        finite = jnp.isfinite(jnp.stack([getattr(metrics, name) for name in LOSS_NAMES]))
+        # Every update counts, not only the step's last: at UTD 20 an inf loss in update k leaves
+        # the parameters finite but Adam's second moment inf, and later updates may look fine.
+        finite = finite.all(axis=0)
         first = (metrics.nonfinite_step < 0) & ~finite.all()
         metrics = metrics._replace(
             nonfinite_step=jnp.where(first, step, metrics.nonfinite_step),
@@ -704,6 +708,8 @@ def read_checkpoint(path: str, with_arrays: bool = True) -> tuple[dict, dict]:
         raise ConfigError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
     if host_state.get("script") != SCRIPT_NAME:
         raise ConfigError(f"{path} was written by {host_state.get('script')}, not by {SCRIPT_NAME}")
+    if set(host_state["args"]) != {field.name for field in dataclasses.fields(Args)}:
+        raise ConfigError(f"{path} was written by another version of {SCRIPT_NAME}: its flags differ")
     return arrays, host_state
 
 
@@ -863,9 +869,9 @@ def train(args: Args) -> dict:
             raise FloatingPointError(
                 f"training diverged: losses/{name} became NaN/inf at env step {bad} (seen at step {step})"
             )
-        for network in ("actor", "critic"):
-            if not all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(getattr(agent, network).params)):
-                raise FloatingPointError(f"training diverged: the {network} parameters hold NaN/inf at env step {step}")
+        for network in ("actor", "critic"):  # parameters, optimizer state and running statistics
+            if not all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(getattr(agent, network))):
+                raise FloatingPointError(f"training diverged: the {network}'s state holds NaN/inf at env step {step}")
 
     def log_eval(step: int) -> float:
         returns = evaluate(agent.actor, eval_env, args.eval_episodes)
@@ -1003,3 +1009,6 @@ if __name__ == "__main__":
     except Preempted as e:
         print(f"{e}; continue with: python {sys.argv[0]} --resume {os.path.dirname(e.checkpoint)}", file=sys.stderr)
         sys.exit(128 + e.signum)
+    except KeyboardInterrupt:  # Ctrl-C before training started: nothing to save
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -7,12 +7,14 @@
 # (s', a') in two separate passes, and the target critics trail the critics by Polyak averaging.
 # One self-contained file: networks, replay buffer, jitted update and training loop.
 import dataclasses
-import functools
 import json
 import os
 import random
+import shutil
+import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple
 
@@ -89,6 +91,11 @@ class Args:
     """the number of episodes of each evaluation"""
     log_freq: int = 1_000
     """log losses every `log_freq` env steps and print a progress line"""
+    checkpoint_freq: int = 0
+    """write a checkpoint to `runs/{run_name}/checkpoint.npz` every `checkpoint_freq` env steps (0: off;
+    SIGTERM and Ctrl-C write one whatever this says)"""
+    resume: str | None = None
+    """continue the run saved in this run directory or checkpoint file, with its hyperparameters"""
 
 
 # Named hyperparameter sets (the paper's Table 1 columns), selected by the first CLI word.
@@ -120,23 +127,22 @@ PRESETS: dict[str, tuple[str, Args]] = {
 }
 
 
-def parse_args(argv: Sequence[str] | None = None) -> Args:
-    """`[PRESET] [--flag value ...]`: an optional preset word picks the defaults, every flag overrides them."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    preset = argv.pop(0) if argv and argv[0] in PRESETS else "sac"
-    script = os.path.basename(__file__)
-    return tyro.cli(
-        Args,
-        args=argv,
-        default=PRESETS[preset][1],
-        prog=f"{script} {preset}" if preset != "sac" else script,
-        description=f"{PRESETS[preset][0]}.\n\nPresets, chosen by the first word: sac (when left out), redq, droq. "
-        f"Every flag overrides the preset's value; `{script} redq --help` lists REDQ's values.",
-    )
+# The hyperparameters in which the presets differ (exp_name aside: it only names the run). With
+# --resume, a preset word stands for these values and must agree with the checkpoint.
+PRESET_FIELDS = [
+    field.name
+    for field in dataclasses.fields(Args)
+    if field.name != "exp_name" and len({getattr(args, field.name) for _, args in PRESETS.values()}) > 1
+]
 
 
 # Every path the run writes lives under `runs/{run_name}`; these are its file names.
 ARGS_FILE = "args.json"
+CHECKPOINT_FILE = "checkpoint.npz"
+SCRIPT_NAME = "sac_jax"  # stamped into checkpoints, so that another script's are refused
+# Flags that may change when a run resumes; every other hyperparameter is the checkpoint's.
+RESUMABLE_FLAGS = {"total_timesteps", "checkpoint_freq", "log_freq", "save_model", "track", "resume"}
+RESUMABLE_FLAGS |= {"wandb_project_name", "wandb_entity", "capture_video"}
 
 
 class ConfigError(ValueError):
@@ -150,7 +156,7 @@ def check_args(args: Args) -> None:
     for name in positive:
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
-    for name in ["learning_starts", "eval_freq"]:
+    for name in ["learning_starts", "eval_freq", "checkpoint_freq"]:
         if getattr(args, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must not be negative (got {getattr(args, name)})")
     if not 1 <= args.target_subset_size <= args.n_critics:
@@ -177,18 +183,25 @@ def check_args(args: Args) -> None:
         raise ConfigError(f"--buffer-size ({args.buffer_size}) must be at least --batch-size ({args.batch_size})")
 
 
+def gym_make(env_id: str, **kwargs) -> gym.Env:
+    with warnings.catch_warnings():
+        # The paper's results are on the v4 MuJoCo envs, which gymnasium 1.x calls out of date at every make.
+        warnings.filterwarnings("ignore", message=".*is out of date", category=DeprecationWarning)
+        return gym.make(env_id, **kwargs)
+
+
 def make_env(env_id: str, seed: int, capture_video: bool = False, run_name: str = "") -> Callable[[], gym.Env]:
     """A thunk (CleanRL's convention) that builds the env with the agent's [-1, 1] action scale."""
 
     def thunk() -> gym.Env:
         if capture_video:
-            env = gym.make(env_id, render_mode="rgb_array")
+            env = gym_make(env_id, render_mode="rgb_array")
             env = gym.wrappers.RecordVideo(env, f"videos/{run_name}", episode_trigger=lambda _: True)
         else:
-            env = gym.make(env_id)
+            env = gym_make(env_id)
         env = gym.wrappers.RecordEpisodeStatistics(env)
         # The agent acts in [-1, 1] (tanh squashing); the wrapper maps to [low, high].
-        env = gym.wrappers.RescaleAction(env, -1.0, 1.0)
+        env = gym.wrappers.RescaleAction(env, np.float32(-1.0), np.float32(1.0))
         env.action_space.seed(seed)
         return env
 
@@ -198,7 +211,7 @@ def make_env(env_id: str, seed: int, capture_video: bool = False, run_name: str 
 def check_env(env_id: str) -> None:
     """Fail fast on an env SAC cannot drive: unknown id, discrete actions, non-vector observations."""
     try:
-        env = gym.make(env_id)
+        env = gym_make(env_id)
     except gym.error.Error as e:  # unknown id, missing MuJoCo, bad version ...
         raise ConfigError(f"cannot make env {env_id!r}: {e}") from None
     action_space, observation_space = env.action_space, env.observation_space
@@ -243,6 +256,13 @@ class SummaryWriter:
         from tensorboard.plugins.text.summary_v2 import text_pb
 
         self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=text_pb(tag, text)))
+
+    def add_session_start(self, step: int) -> None:
+        """Mark a restart: TensorBoard discards earlier-logged points at `step` and later."""
+        from tensorboard.compat.proto import event_pb2
+
+        session_log = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+        self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=step, session_log=session_log))
 
     def close(self) -> None:
         self._writer.close()
@@ -364,11 +384,16 @@ class Metrics(NamedTuple):
     alpha_loss: jax.Array
     alpha: jax.Array
     nonfinite_step: jax.Array  # first env step with a NaN/inf loss, -1 while all is well
+    nonfinite_loss: jax.Array  # which loss it was: an index into LOSS_NAMES
 
     @classmethod
     def initial(cls) -> "Metrics":
-        zero = jnp.zeros((), jnp.float32)
-        return cls(zero, zero, zero, zero, jnp.ones((), jnp.float32), -jnp.ones((), jnp.int32))
+        # Distinct arrays, not one shared zero: the update donates these buffers.
+        zeros = [jnp.zeros((), jnp.float32) for _ in range(4)]
+        return cls(*zeros, jnp.ones((), jnp.float32), jnp.full((), -1, jnp.int32), jnp.zeros((), jnp.int32))
+
+
+LOSS_NAMES = ("qf_loss", "actor_loss", "alpha_loss")
 
 
 # ALGO LOGIC: replay buffer, on the device so that sampling happens inside the jitted update
@@ -393,6 +418,19 @@ class ReplayBuffer(NamedTuple):
             position=jnp.zeros((), jnp.int32),
             size=jnp.zeros((), jnp.int32),
         )
+
+    def filled_part(self) -> "ReplayBuffer":
+        """The rows that hold data: what a checkpoint stores."""
+        n = int(self.size)
+        return self._replace(**{name: getattr(self, name)[:n] for name in Transition._fields})
+
+    def refill(self, stored: "ReplayBuffer") -> "ReplayBuffer":
+        """This empty buffer with a checkpoint's filled part, position and size put back."""
+        rows = {
+            name: getattr(self, name).at[: len(getattr(stored, name))].set(getattr(stored, name))
+            for name in Transition._fields
+        }
+        return self._replace(**rows, position=jnp.asarray(stored.position), size=jnp.asarray(stored.size))
 
 
 class Transition(NamedTuple):
@@ -538,8 +576,7 @@ def make_train_step(args: Args, action_dim: int):
         )
         return agent._replace(actor=actor_state, log_alpha=log_alpha), metrics
 
-    def update(buffer: ReplayBuffer, carry, key: jax.Array):
-        agent, metrics = carry
+    def update(agent: AgentState, metrics: Metrics, buffer: ReplayBuffer, key: jax.Array):
         batch_key, target_key, dropout_key, actor_key = jax.random.split(key, 4)
         batch = buffer_sample(buffer, batch_key, args.batch_size)
         target = td_target(agent, batch, target_key, args.gamma, args.target_subset_size)
@@ -552,7 +589,7 @@ def make_train_step(args: Args, action_dim: int):
         agent = agent._replace(critic=critic)
         metrics = metrics._replace(qf_loss=qf_loss, qf_values=qf_values)
         # The actor learns on the same batch after every `policy_delay`-th critic update.
-        agent, metrics = jax.lax.cond(
+        return jax.lax.cond(
             agent.critic.step % args.policy_delay == 0,
             update_actor_and_alpha,
             lambda agent, metrics, *_: (agent, metrics),
@@ -561,16 +598,26 @@ def make_train_step(args: Args, action_dim: int):
             batch.obs,
             actor_key,
         )
-        return (agent, metrics), None
 
-    def train_step(agent: AgentState, buffer: ReplayBuffer, metrics: Metrics, key: jax.Array, step):
-        keys = jax.random.split(key, args.utd)
-        (agent, metrics), _ = jax.lax.scan(functools.partial(update, buffer), (agent, metrics), keys)
-        losses_finite = jnp.isfinite(jnp.stack([metrics.qf_loss, metrics.actor_loss, metrics.alpha_loss])).all()
-        nonfinite_step = jnp.where((metrics.nonfinite_step < 0) & ~losses_finite, step, metrics.nonfinite_step)
-        return agent, metrics._replace(nonfinite_step=nonfinite_step)
+    def train_step(agent: AgentState, buffer: ReplayBuffer, metrics: Metrics, key: jax.Array, step: int):
+        # The buffer is only read here: storing happens in its own jitted call (see above).
+        def update_and_check(carry, key):
+            agent, metrics = update(*carry, buffer, key)
+            return (agent, metrics), jnp.isfinite(jnp.stack([getattr(metrics, name) for name in LOSS_NAMES]))
 
-    return jax.jit(train_step, donate_argnums=0)
+        (agent, metrics), finite = jax.lax.scan(update_and_check, (agent, metrics), jax.random.split(key, args.utd))
+        # Remember the first env step with a NaN/inf loss; the host looks at it only when it logs.
+        # Every update counts, not only the step's last: at UTD 20 an inf loss in update k leaves
+        # the parameters finite but Adam's second moment inf, and later updates may look fine.
+        finite = finite.all(axis=0)
+        first = (metrics.nonfinite_step < 0) & ~finite.all()
+        metrics = metrics._replace(
+            nonfinite_step=jnp.where(first, step, metrics.nonfinite_step),
+            nonfinite_loss=jnp.where(first, jnp.argmin(finite), metrics.nonfinite_loss),
+        )
+        return agent, metrics
+
+    return jax.jit(train_step, donate_argnums=(0, 2))
 
 
 @jax.jit
@@ -602,18 +649,216 @@ def evaluate(actor_state: TrainState, env: gym.Env, n_episodes: int) -> list[flo
     return returns
 
 
-def train(args: Args) -> dict[str, float]:
+# CHECKPOINTING: everything a run needs to continue exactly where it stopped
+class Preempted(Exception):
+    """SIGTERM or SIGINT arrived; a checkpoint has been written."""
+
+    def __init__(self, signum: int, checkpoint: str):
+        super().__init__(f"stopped by {signal.Signals(signum).name}; checkpoint written to {checkpoint}")
+        self.signum, self.checkpoint = signum, checkpoint
+
+
+def generator_state(generator: np.random.Generator) -> dict:
+    return generator.bit_generator.state
+
+
+def set_generator_state(generator: np.random.Generator, state: dict) -> None:
+    generator.bit_generator.state = state
+
+
+def host_rngs(env: gym.Env, eval_env: gym.Env) -> dict:
+    """Host random states beside the env's own (which each episode records at its reset)."""
+    return {
+        "action_space": generator_state(env.action_space.np_random),
+        "eval_env": generator_state(eval_env.np_random),
+        "numpy": np.random.get_state(legacy=False),
+        "python": random.getstate(),
+    }
+
+
+def set_host_rngs(states: dict, env: gym.Env, eval_env: gym.Env) -> None:
+    set_generator_state(env.action_space.np_random, states["action_space"])
+    set_generator_state(eval_env.np_random, states["eval_env"])
+    np.random.set_state(states["numpy"])
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def checkpoint_file(path: str) -> str:
+    return os.path.join(path, CHECKPOINT_FILE) if os.path.isdir(path) else path
+
+
+def write_checkpoint(path: str, device_state: dict, host_state: dict) -> None:
+    """Write arrays and host state to `path` atomically: a kill at any moment, mid-write
+    included, leaves the previous checkpoint in place (write a temporary file, then rename)."""
+    arrays = flax.traverse_util.flatten_dict(flax.serialization.to_state_dict(jax.device_get(device_state)), sep="/")
+    meta = np.frombuffer(json.dumps(host_state, default=np.ndarray.tolist).encode(), np.uint8)
+    tmp_path = path + ".tmp"
+    try:
+        with open(tmp_path, "wb") as f:
+            np.savez(f, __host_state__=meta, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except OSError as e:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise ConfigError(f"cannot write checkpoint {path}: {e.strerror}") from None
+
+
+def read_checkpoint(path: str, with_arrays: bool = True) -> tuple[dict, dict]:
+    """({"agent/critic/params/...": array}, host state) of a checkpoint of this script; one-line errors
+    otherwise. `with_arrays=False` reads the host state alone (the archive's members load lazily)."""
+    path = checkpoint_file(path)
+    if not os.path.exists(path):
+        raise ConfigError(f"no checkpoint at {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            host_state = json.loads(data["__host_state__"].tobytes())
+            names = [name for name in data.files if name != "__host_state__"] if with_arrays else []
+            arrays = {name: data[name] for name in names}
+    except Exception as e:  # a truncated or foreign file fails in many ways inside zipfile and numpy
+        raise ConfigError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if host_state.get("script") != SCRIPT_NAME:
+        raise ConfigError(f"{path} was written by {host_state.get('script')}, not by {SCRIPT_NAME}")
+    if set(host_state["args"]) != {field.name for field in dataclasses.fields(Args)}:
+        raise ConfigError(f"{path} was written by another version of {SCRIPT_NAME}: its flags differ")
+    return arrays, host_state
+
+
+def restore(template: Any, arrays: dict) -> Any:
+    """`template` (a pytree of the right structure) with its leaves taken from a checkpoint's arrays."""
+    flat = flax.traverse_util.flatten_dict(flax.serialization.to_state_dict(template), sep="/", keep_empty_nodes=True)
+    missing = [path for path, leaf in flat.items() if leaf is not flax.traverse_util.empty_node and path not in arrays]
+    if missing:
+        raise ConfigError(f"the checkpoint lacks {missing[0]}")
+    state = flax.traverse_util.unflatten_dict({path: arrays.get(path, leaf) for path, leaf in flat.items()}, sep="/")
+    return flax.serialization.from_state_dict(template, state)
+
+
+def check_resume(args: Args, host_state: dict) -> None:
+    """A resumed run keeps its env and hyperparameters; only RESUMABLE_FLAGS may change."""
+    saved, step = host_state["args"], host_state["global_step"]
+    if args.total_timesteps <= step:
+        raise ConfigError(f"the checkpoint is at env step {step}: pass a --total-timesteps above it to continue")
+    if args.env_id != saved["env_id"]:
+        raise ConfigError(f"the checkpoint is of a run on {saved['env_id']}, not on {args.env_id}")
+    changed = [name for name, value in dataclasses.asdict(args).items() if name not in RESUMABLE_FLAGS]
+    changed = [name for name in changed if saved.get(name) != getattr(args, name)]
+    if changed:
+        name = changed[0]
+        raise ConfigError(
+            f"--{name.replace('_', '-')} is {saved.get(name)} in the checkpoint, not {getattr(args, name)}: "
+            "a resumed run keeps its hyperparameters"
+        )
+
+
+def replay_episode(env: gym.Env, start_state: dict, actions: np.ndarray) -> np.ndarray:
+    """Bring `env` to where the interrupted run was: same reset draw, then the same actions."""
+    set_generator_state(env.np_random, start_state)
+    obs, _ = env.reset()
+    for action in actions:
+        obs, *_ = env.step(action)
+    return obs
+
+
+def catch_preemption() -> tuple[dict, Callable[[], None]]:
+    """SIGTERM/SIGINT set a flag the loop checks once per step; a second signal exits at once."""
+    received: dict[str, int] = {}
+
+    def handler(signum, frame):
+        if received:
+            print(f"\n{signal.Signals(signum).name} again: exiting without a checkpoint", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        received["signum"] = signum
+        print(f"\n{signal.Signals(signum).name}: writing a checkpoint, then exiting", file=sys.stderr, flush=True)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    return received, lambda: [signal.signal(sig, h) for sig, h in previous.items()]
+
+
+def train(args: Args) -> dict:
     """Run SAC (or REDQ, DroQ) as `args` says; returns the last evaluation's mean return and the run's name."""
     check_args(args)
     check_env(args.env_id)
     check_optional_dependencies(args)
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join("runs", run_name)
+    if args.resume:
+        saved_arrays, saved = read_checkpoint(args.resume)
+        check_resume(args, saved)
+        run_name, run_dir = saved["run_name"], os.path.dirname(os.path.abspath(checkpoint_file(args.resume)))
+    else:
+        saved_arrays, saved = None, None
+        run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        run_dir = os.path.join("runs", run_name)
     try:
-        os.makedirs(run_dir, exist_ok=False)
-        writer = SummaryWriter(run_dir)
+        os.makedirs(run_dir, exist_ok=args.resume is not None)
+        with open(os.path.join(run_dir, ARGS_FILE), "w") as f:
+            json.dump(dataclasses.asdict(args), f, indent=2)
     except OSError as e:
         raise ConfigError(f"cannot write the run directory {run_dir}: {e.strerror}") from None
+
+    # Seeding: Python and numpy for good measure; the env, its action space and JAX explicitly.
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    key = jax.random.PRNGKey(args.seed)
+    key, agent_key, explore_key = jax.random.split(key, 3)
+
+    env = make_env(args.env_id, args.seed)()
+    env.reset(seed=args.seed)  # seeds the env's generator; each episode records its state at reset
+    eval_env = make_env(args.env_id, args.seed + 10_000, args.capture_video, run_name)()
+    eval_env.reset(seed=args.seed + 10_000)
+    obs_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
+
+    agent = create_agent(args, obs_dim, action_dim, agent_key)
+    buffer = ReplayBuffer.create(args.buffer_size, obs_dim, action_dim)
+    metrics = Metrics.initial()
+    if args.checkpoint_freq:
+        # A full checkpoint, twice: the previous one stays until the next is complete.
+        needed = 2 * sum(np.asarray(x).nbytes for x in jax.tree.leaves((agent, buffer)))
+        free = shutil.disk_usage(run_dir).free
+        if free < needed:
+            raise ConfigError(
+                f"{run_dir} has {free / 1e9:.1f} GB free; a checkpoint of this run needs {needed / 1e9:.1f} GB"
+            )
+
+    writer = SummaryWriter(run_dir)
+    obs, episode_actions = np.zeros(obs_dim, np.float32), []
+
+    def snapshot() -> dict:
+        """The arrays of a checkpoint (host-side state goes beside them as JSON)."""
+        return {
+            "agent": agent,
+            "buffer": buffer.filled_part(),
+            "metrics": metrics,
+            "keys": {"update": key, "explore": explore_key},
+            "obs": obs,
+            # The current episode's actions: replayed from its recorded reset, they bring the
+            # env back to the exact state of this step (MuJoCo's full state is more than qpos/qvel).
+            "episode_actions": np.asarray(episode_actions, np.float32).reshape(-1, action_dim),
+        }
+
+    if saved is None:
+        writer.add_text(
+            "hyperparameters",
+            "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()),
+        )
+        start_step, train_seconds, eval_return = 0, 0.0, float("nan")
+        episode_start = generator_state(env.np_random)
+        obs, _ = env.reset()
+    else:
+        restored = restore(snapshot(), saved_arrays)
+        agent, metrics = jax.device_put((restored["agent"], restored["metrics"]))
+        key, explore_key = jax.device_put((restored["keys"]["update"], restored["keys"]["explore"]))
+        buffer = buffer.refill(restored["buffer"])
+        start_step, train_seconds, eval_return = saved["global_step"], saved["train_seconds"], saved["eval_return"]
+        set_host_rngs(saved["rngs"], env, eval_env)
+        episode_start, episode_actions = saved["episode_start_rng"], list(restored["episode_actions"])
+        obs = replay_episode(env, episode_start, episode_actions)
+        if not np.array_equal(obs, restored["obs"]):
+            print("warning: the replayed env state differs from the checkpoint's; the run goes on from it", flush=True)
+        # Tell TensorBoard to drop what the interrupted process logged after its checkpoint.
+        writer.add_session_start(start_step + 1)
+        print(f"resumed {run_name} at env step {start_step} from {checkpoint_file(args.resume)}", flush=True)
     if args.track:
         import wandb
 
@@ -625,35 +870,21 @@ def train(args: Args) -> dict[str, float]:
             name=run_name,
             save_code=True,
         )
-    with open(os.path.join(run_dir, ARGS_FILE), "w") as f:
-        json.dump(dataclasses.asdict(args), f, indent=2)
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()),
-    )
     print(f"run {run_name}: logging to {run_dir}", flush=True)
 
-    # Seeding: Python and numpy for good measure; the env, its action space and JAX explicitly.
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    key = jax.random.PRNGKey(args.seed)
-    key, agent_key, explore_key = jax.random.split(key, 3)
-
-    env = make_env(args.env_id, args.seed)()
-    eval_env = make_env(args.env_id, args.seed + 10_000, args.capture_video, run_name)()
-    eval_env.reset(seed=args.seed + 10_000)
-    obs_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
-
-    agent = create_agent(args, obs_dim, action_dim, agent_key)
-    buffer = ReplayBuffer.create(args.buffer_size, obs_dim, action_dim)
     train_step = make_train_step(args, action_dim)
     store = jax.jit(buffer_add, donate_argnums=0)
-    metrics = Metrics.initial()
 
     def check_finite(step: int) -> None:
         bad = int(metrics.nonfinite_step)
         if bad >= 0:
-            raise FloatingPointError(f"training diverged: a loss became NaN/inf at env step {bad} (checked at {step})")
+            name = LOSS_NAMES[int(metrics.nonfinite_loss)]
+            raise FloatingPointError(
+                f"training diverged: losses/{name} became NaN/inf at env step {bad} (seen at step {step})"
+            )
+        for network in ("actor", "critic"):  # parameters, optimizer state and running statistics
+            if not all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(getattr(agent, network))):
+                raise FloatingPointError(f"training diverged: the {network}'s state holds NaN/inf at env step {step}")
 
     def log_eval(step: int) -> float:
         returns = evaluate(agent.actor, eval_env, args.eval_episodes)
@@ -665,60 +896,99 @@ def train(args: Args) -> dict[str, float]:
         )
         return float(np.mean(returns))
 
-    # TRY NOT TO MODIFY: start the game
-    obs, _ = env.reset(seed=args.seed)
-    eval_return = float("nan")
-    start_time, eval_time = time.perf_counter(), 0.0  # SPS counts training time only, not evaluation
-    for global_step in range(1, args.total_timesteps + 1):
-        # ALGO LOGIC: put action logic here
-        learning = global_step > args.learning_starts
-        if learning:
-            action, explore_key = explore(agent.actor, obs[None].astype(np.float32), explore_key)
-            action = np.asarray(action)[0]
-        else:
-            action = env.action_space.sample()
+    def save(step: int, trained_seconds: float) -> str:
+        check_finite(step)  # never replace a good checkpoint with a poisoned state
+        host_state = {
+            "script": SCRIPT_NAME,
+            "run_name": run_name,
+            "args": dataclasses.asdict(args),
+            "global_step": step,
+            "train_seconds": trained_seconds,
+            "eval_return": eval_return,
+            "episode_start_rng": episode_start,
+            "rngs": host_rngs(env, eval_env),
+        }
+        path = os.path.join(run_dir, CHECKPOINT_FILE)
+        write_checkpoint(path, snapshot(), host_state)
+        return path
 
-        next_obs, reward, terminated, truncated, info = env.step(action)
-        # Bootstrap through time-limit truncations: only a true terminal ends the return.
-        transition = Transition(
-            obs.astype(np.float32),
-            action.astype(np.float32),
-            np.float32(reward),
-            next_obs.astype(np.float32),
-            np.float32(terminated),
-        )
-        buffer = store(buffer, transition)
-        if learning:
-            key, update_key = jax.random.split(key)
-            agent, metrics = train_step(agent, buffer, metrics, update_key, global_step)
+    # SPS counts training time only: evaluation and checkpointing are excluded.
+    clock_start, excluded_seconds = time.perf_counter() - train_seconds, 0.0
 
-        if terminated or truncated:
-            writer.add_scalar("charts/episodic_return", info["episode"]["r"], global_step)
-            writer.add_scalar("charts/episodic_length", info["episode"]["l"], global_step)
-            obs, _ = env.reset()
-        else:
-            obs = next_obs
+    def train_clock() -> float:
+        return time.perf_counter() - clock_start - excluded_seconds
 
-        if global_step % args.log_freq == 0:
-            sps = int(global_step / (time.perf_counter() - start_time - eval_time))
-            writer.add_scalar("charts/SPS", sps, global_step)
+    preemption, restore_signal_handlers = catch_preemption()
+    try:
+        # TRY NOT TO MODIFY: start the game
+        for global_step in range(start_step + 1, args.total_timesteps + 1):
+            # ALGO LOGIC: put action logic here
+            learning = global_step > args.learning_starts
             if learning:
-                check_finite(global_step)
-                for name in ["qf_loss", "qf_values", "actor_loss", "alpha", "alpha_loss"]:
-                    writer.add_scalar(f"losses/{name}", float(getattr(metrics, name)), global_step)
-                print(
-                    f"step={global_step} SPS={sps} qf_loss={float(metrics.qf_loss):.3f} "
-                    f"qf_values={float(metrics.qf_values):.2f} actor_loss={float(metrics.actor_loss):.3f} "
-                    f"alpha={float(metrics.alpha):.4f}",
-                    flush=True,
-                )
+                action, explore_key = explore(agent.actor, obs[None].astype(np.float32), explore_key)
+                action = np.asarray(action)[0]
             else:
-                print(f"step={global_step} SPS={sps} (random actions until step {args.learning_starts})", flush=True)
-        if (args.eval_freq and global_step % args.eval_freq == 0) or global_step == args.total_timesteps:
-            eval_start = time.perf_counter()
-            check_finite(global_step)
-            eval_return = log_eval(global_step)
-            eval_time += time.perf_counter() - eval_start
+                action = env.action_space.sample()
+
+            next_obs, reward, terminated, truncated, info = env.step(action)
+            episode_actions.append(action)
+            if not (np.isfinite(reward) and np.isfinite(next_obs).all()):
+                raise FloatingPointError(
+                    f"{args.env_id} returned a NaN/inf observation or reward at env step {global_step}"
+                )
+            # Bootstrap through time-limit truncations: only a true terminal ends the return.
+            transition = Transition(
+                obs.astype(np.float32),
+                action.astype(np.float32),
+                np.float32(reward),
+                next_obs.astype(np.float32),
+                np.float32(terminated),
+            )
+            buffer = store(buffer, transition)
+            if learning:
+                key, update_key = jax.random.split(key)
+                agent, metrics = train_step(agent, buffer, metrics, update_key, global_step)
+
+            if terminated or truncated:
+                writer.add_scalar("charts/episodic_return", info["episode"]["r"], global_step)
+                writer.add_scalar("charts/episodic_length", info["episode"]["l"], global_step)
+                episode_start = generator_state(env.np_random)
+                obs, _ = env.reset()
+                episode_actions = []
+            else:
+                obs = next_obs
+
+            if global_step % args.log_freq == 0:
+                sps = int(global_step / train_clock())
+                writer.add_scalar("charts/SPS", sps, global_step)
+                if learning:
+                    check_finite(global_step)
+                    for name in ["qf_loss", "qf_values", "actor_loss", "alpha", "alpha_loss"]:
+                        writer.add_scalar(f"losses/{name}", float(getattr(metrics, name)), global_step)
+                    print(
+                        f"step={global_step} SPS={sps} qf_loss={float(metrics.qf_loss):.3f} "
+                        f"qf_values={float(metrics.qf_values):.2f} actor_loss={float(metrics.actor_loss):.3f} "
+                        f"alpha={float(metrics.alpha):.4f}",
+                        flush=True,
+                    )
+                else:
+                    print(
+                        f"step={global_step} SPS={sps} (random actions until step {args.learning_starts})", flush=True
+                    )
+            pause, trained_seconds = time.perf_counter(), train_clock()
+            if (args.eval_freq and global_step % args.eval_freq == 0) or global_step == args.total_timesteps:
+                check_finite(global_step)
+                eval_return = log_eval(global_step)
+            if args.checkpoint_freq and global_step % args.checkpoint_freq == 0:
+                save(global_step, trained_seconds)
+            if preemption:
+                raise Preempted(preemption["signum"], save(global_step, trained_seconds))
+            excluded_seconds += time.perf_counter() - pause
+    finally:
+        restore_signal_handlers()
+        writer.close()
+        env.close()
+        eval_env.close()
 
     if args.save_model:
         model_path = os.path.join(run_dir, f"{args.exp_name}.crossq_model")
@@ -733,16 +1003,60 @@ def train(args: Args) -> dict[str, float]:
                 )
             )
         print(f"model saved to {model_path}", flush=True)
-    env.close()
-    eval_env.close()
-    writer.close()
     return {"eval_return": eval_return, "run_name": run_name}
 
 
+def parse_args(argv: Sequence[str] | None = None) -> Args:
+    """`[PRESET] [--flag value ...]`: an optional preset word picks the defaults, every flag overrides them.
+
+    With --resume, flags not given take the checkpoint's values, so a REDQ run resumes as REDQ
+    without the word. A preset word given with --resume stands for its values of PRESET_FIELDS,
+    as on the command line that started the run, and must agree with the checkpoint.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    word = argv.pop(0) if argv and argv[0] in PRESETS else None
+    preset = word or "sac"
+    script = os.path.basename(__file__)
+
+    def cli(defaults: Args) -> Args:
+        return tyro.cli(
+            Args,
+            args=argv,
+            default=defaults,
+            prog=f"{script} {preset}" if preset != "sac" else script,
+            description=f"{PRESETS[preset][0]}.\n\nPresets, chosen by the first word: sac (when left out), redq, "
+            f"droq. Every flag overrides the preset's value; `{script} redq --help` lists REDQ's values. "
+            f"`{script} --resume RUN_DIR` continues a run with its own hyperparameters, preset included.",
+        )
+
+    args = cli(PRESETS[preset][1])
+    if args.resume:
+        _, saved = read_checkpoint(args.resume, with_arrays=False)
+        defaults = dataclasses.replace(Args(**saved["args"]), resume=args.resume)
+        # A preset word stands for its values, as on the command line that started the run.
+        word_values = {name: getattr(PRESETS[word][1], name) for name in PRESET_FIELDS} if word else {}
+        args = cli(dataclasses.replace(defaults, **word_values))
+        for name, value in word_values.items():
+            if getattr(args, name) == value != saved["args"][name]:  # the word's value, not a flag's
+                raise ConfigError(
+                    f"the checkpoint is not of a {word} run: --{name.replace('_', '-')} is {saved['args'][name]} "
+                    f"in it, {value} in {word} (resume without the preset word to continue the run as it was)"
+                )
+    return args
+
+
 if __name__ == "__main__":
-    args = parse_args()
     try:
-        train(args)
-    except (ConfigError, FloatingPointError) as e:
+        train(parse_args())
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except Preempted as e:
+        print(f"{e}; continue with: python {sys.argv[0]} --resume {os.path.dirname(e.checkpoint)}", file=sys.stderr)
+        sys.exit(128 + e.signum)
+    except KeyboardInterrupt:  # Ctrl-C before training started: nothing to save
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -4,7 +4,6 @@ import dataclasses
 import json
 
 import flax
-import gymnasium as gym
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -281,6 +280,8 @@ ISSUE_FLAGS = [
     "--wandb-project-name",
     "--wandb-entity",
     "--capture-video",
+    "--checkpoint-freq",
+    "--resume",
 ]
 
 TABLE_1 = ["gamma", "learning_rate", "buffer_size", "batch_size", "activation", "layer_norm", "dropout_rate"]
@@ -406,34 +407,113 @@ def test_smoke_run_of_each_preset_on_mujoco(script_runner, preset):
     assert np.isfinite(returns[0])
 
 
-class NaNAfter(gym.Env):
-    """A 1-D continuous env whose reward turns NaN from step `bad_step` on."""
-
-    observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
-    action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
-
-    def __init__(self, bad_step: int = 300):
-        self.bad_step, self.t = bad_step, 0
-
-    def reset(self, *, seed=None, options=None):
-        super().reset(seed=seed)
-        return self.np_random.uniform(-1, 1, 2).astype(np.float32), {}
-
-    def step(self, action):
-        self.t += 1
-        reward = float("nan") if self.t >= self.bad_step else float(-(action**2).sum())
-        return self.np_random.uniform(-1, 1, 2).astype(np.float32), reward, False, self.t % 50 == 0, {}
-
-
-def test_divergence_stops_training_and_names_the_step(tmp_path, monkeypatch):
+# NaNRewardAfter300-v0 and HugeRewardAfter300-v0 are registered in conftest.py.
+def test_an_env_that_returns_nan_stops_the_run_at_that_step(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    gym.register("SacNaNAfter-v0", entry_point=NaNAfter)
-    args = small_args(env_id="SacNaNAfter-v0", total_timesteps=2000, learning_starts=100, log_freq=50, eval_freq=0)
-    args = dataclasses.replace(args, eval_episodes=1)
-    with pytest.raises(FloatingPointError, match=r"NaN/inf at env step (\d+)") as error:
+    args = small_args(env_id="NaNRewardAfter300-v0", total_timesteps=2000, learning_starts=100, eval_freq=0)
+    with pytest.raises(FloatingPointError, match=r"returned a NaN/inf observation or reward at env step 300$"):
+        sac.train(args)
+
+
+@pytest.mark.parametrize("preset", ["sac", "redq"])
+def test_divergence_stops_training_names_the_loss_and_step_and_spares_the_last_checkpoint(
+    tmp_path, monkeypatch, preset
+):
+    """Rewards of 1e30 are finite, but the squared TD error overflows: the loss becomes inf. At UTD 20
+    this may happen in any of a step's updates: it leaves Adam's second moment inf and the parameters
+    finite, so only a check of every update's losses keeps that state out of the checkpoint."""
+    monkeypatch.chdir(tmp_path)
+    args = small_args(preset, env_id="HugeRewardAfter300-v0", total_timesteps=2000, learning_starts=100)
+    args = dataclasses.replace(args, log_freq=50, eval_freq=0, eval_episodes=1, checkpoint_freq=1)
+    with pytest.raises(FloatingPointError, match=r"losses/qf_loss became NaN/inf at env step (\d+)") as error:
         sac.train(args)
     step = int(error.value.args[0].split("env step ")[1].split()[0])
-    assert 300 <= step <= 400  # the NaN reward enters at 300 and is sampled soon after
+    assert 300 <= step <= 400  # the huge reward enters at 300 and is sampled soon after
+    arrays, host_state = sac.read_checkpoint(str(run_dirs(tmp_path)[0]))
+    assert host_state["global_step"] == step - 1
+    agent = {path: value for path, value in arrays.items() if path.startswith("agent/") and value.dtype.kind == "f"}
+    assert any("/opt_state/" in path for path in agent)
+    assert [path for path, value in agent.items() if not np.isfinite(value).all()] == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: presets and --resume, exact resume of the high-UTD presets
+# ---------------------------------------------------------------------------------------------
+
+
+def fake_checkpoint(tmp_path, args: sac.Args) -> str:
+    """A checkpoint holding only what parse_args reads: the script's stamp and the run's args."""
+    path = str(tmp_path / sac.CHECKPOINT_FILE)
+    sac.write_checkpoint(path, {}, {"script": sac.SCRIPT_NAME, "args": dataclasses.asdict(args)})
+    return path
+
+
+def test_resume_without_a_preset_word_continues_the_run_with_its_own_preset(tmp_path):
+    redq = sac.parse_args(["redq", "--env-id", "Walker2d-v4", "--utd", "10"])
+    path = fake_checkpoint(tmp_path, redq)
+    assert sac.parse_args(["--resume", str(tmp_path)]) == dataclasses.replace(redq, resume=str(tmp_path))
+    resumed = sac.parse_args(["--resume", path, "--total-timesteps", "5000000"])
+    assert resumed == dataclasses.replace(redq, resume=path, total_timesteps=5_000_000)
+    # Retyping the command line that started the run, plus --resume, works too.
+    again = sac.parse_args(["redq", "--env-id", "Walker2d-v4", "--utd", "10", "--resume", path])
+    assert again == dataclasses.replace(redq, resume=path)
+
+
+@pytest.mark.parametrize(
+    "started,resumed,message",
+    [
+        (["redq"], ["sac"], "the checkpoint is not of a sac run: --utd is 20 in it, 1 in sac"),
+        (["redq"], ["droq"], "the checkpoint is not of a droq run: --layer-norm is False in it, True in droq"),
+        (["sac"], ["redq"], "the checkpoint is not of a redq run: --utd is 1 in it, 20 in redq"),
+        (["redq", "--utd", "10"], ["redq"], "the checkpoint is not of a redq run: --utd is 10 in it, 20 in redq"),
+    ],
+)
+def test_a_preset_word_that_contradicts_the_checkpoint_is_refused(tmp_path, started, resumed, message):
+    path = fake_checkpoint(tmp_path, sac.parse_args(started))
+    with pytest.raises(sac.ConfigError, match=message.replace("(", r"\(")):
+        sac.parse_args([*resumed, "--resume", path])
+
+
+def test_a_changed_hyperparameter_is_refused_by_name_when_training_starts(tmp_path):
+    redq = sac.parse_args(["redq"])
+    args = sac.parse_args(["redq", "--utd", "5", "--resume", fake_checkpoint(tmp_path, redq)])
+    with pytest.raises(sac.ConfigError, match="--utd is 20 in the checkpoint, not 5"):
+        sac.check_resume(args, {"args": dataclasses.asdict(redq), "global_step": 0})
+
+
+def test_a_contradicting_preset_word_exits_with_one_line(script_runner, tmp_path):
+    path = fake_checkpoint(tmp_path, sac.parse_args(["redq"]))
+    result, _ = script_runner("sac_jax.py", "droq", "--resume", path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: the checkpoint is not of a droq run"), result.stderr
+
+
+@pytest.mark.parametrize("preset", ["redq", "droq"])
+def test_a_resumed_high_utd_run_matches_the_uninterrupted_run(tmp_path, monkeypatch, preset):
+    """Resumed mid-episode: REDQ's target subsets and DroQ's dropout masks come from the saved keys,
+    the target critics from the checkpoint. The first run stops at 210 (its checkpoint), then goes on to 240."""
+    flags = [preset, "--env-id", "Pendulum-v1", "--seed", "2", "--learning-starts", "150", "--batch-size", "16"]
+    flags += ["--buffer-size", "1000", "--critic-width", "16", "--actor-width", "16", "--log-freq", "15"]
+    flags += ["--eval-freq", "0", "--eval-episodes", "1"]
+    scalars = []
+    for total, checkpoint_freq in [("240", "0"), ("210", "105")]:
+        (tmp_path / total).mkdir()
+        monkeypatch.chdir(tmp_path / total)
+        sac.train(sac.parse_args([*flags, "--total-timesteps", total, "--checkpoint-freq", checkpoint_freq]))
+        (run_dir,) = run_dirs(tmp_path / total)
+        scalars.append(read_scalars(run_dir))
+    arrays, host_state = sac.read_checkpoint(str(run_dir))
+    assert host_state["global_step"] == 210
+    assert any(path.startswith("agent/critic/target_params/") for path in arrays)
+    resumed = sac.parse_args(["--resume", str(run_dir), "--total-timesteps", "240"])
+    started = sac.parse_args([*flags, "--total-timesteps", "240", "--checkpoint-freq", "105"])
+    assert resumed == dataclasses.replace(started, resume=str(run_dir))  # the preset, from the checkpoint alone
+    sac.train(resumed)
+    expected, after_resume = scalars[0], read_scalars(run_dir)
+    assert [step for step, _ in after_resume["losses/qf_loss"]][-2:] == [225, 240]
+    for tag in ["charts/episodic_return", "losses/qf_loss", "losses/qf_values", "losses/actor_loss", "losses/alpha"]:
+        assert after_resume[tag] == expected[tag], tag
 
 
 @pytest.mark.slow
