@@ -151,7 +151,7 @@ def check_args(args: Args) -> None:
     if not 0.0 <= args.adam_b1 < 1.0:
         raise ConfigError(f"--adam-b1 must lie in [0, 1) (got {args.adam_b1})")
     if not 0.0 < args.learning_rate < float("inf"):
-        raise ConfigError(f"--learning-rate must be positive (got {args.learning_rate})")
+        raise ConfigError(f"--learning-rate must be positive and finite (got {args.learning_rate})")
     if args.learning_starts < args.batch_size:
         raise ConfigError(
             f"--learning-starts ({args.learning_starts}) must be at least --batch-size ({args.batch_size}): "

@@ -339,7 +339,7 @@ def test_help_lists_every_flag_and_a_preset_shows_its_values(script_runner):
         ("sac", ["--critic-width", "-1"], "--critic-width must be positive"),
         ("redq", ["--utd", "0"], "--utd must be positive"),
         ("sac", ["--learning-starts", "100"], "--learning-starts (100) must be at least --batch-size (256)"),
-        ("sac", ["--learning-rate", "nan"], "--learning-rate must be positive"),
+        ("sac", ["--learning-rate", "nan"], "--learning-rate must be positive and finite"),
         ("sac", ["--gamma", "1.5"], "--gamma must lie in [0, 1]"),
         ("sac", ["--adam-b1", "1"], "--adam-b1 must lie in [0, 1)"),
     ],
