@@ -311,7 +311,8 @@ class BatchRenorm(nn.Module):
                 running_var.value = m * running_var.value + (1.0 - m) * jax.lax.stop_gradient(batch_var)
                 steps.value = steps.value + 1
 
-        return scale * (x - mean) * jax.lax.rsqrt(var + self.epsilon) + bias
+        # scale and rsqrt folded into one per-feature factor first: one multiply per element, not two.
+        return (x - mean) * (scale * jax.lax.rsqrt(var + self.epsilon)) + bias
 
 
 # ALGO LOGIC: networks
