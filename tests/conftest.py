@@ -39,6 +39,21 @@ def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 @pytest.fixture
+def finished_run(tmp_path_factory):
+    """`finished_run(script, *flags)` runs a script to completion in a fresh folder and returns the
+    TensorBoard scalars of its one run; a failed run fails the test with the script's stderr."""
+
+    def run(script: str, *flags: str, timeout: float = 600) -> dict[str, list[tuple[int, float]]]:
+        cwd = tmp_path_factory.mktemp("run")
+        result = run_script(script, *flags, cwd=cwd, timeout=timeout)
+        assert result.returncode == 0, result.stderr
+        (run_dir,) = run_dirs(cwd)
+        return read_scalars(run_dir)
+
+    return run
+
+
+@pytest.fixture
 def script_runner(tmp_path):
     """`script_runner(script, *args)` runs a script in a fresh folder and returns (result, tmp_path)."""
 

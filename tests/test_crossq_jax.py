@@ -397,14 +397,10 @@ def test_smoke_run_on_mujoco_trains_evaluates_logs_and_saves(script_runner):
     assert np.isfinite(returns[0])
 
 
-def test_same_seed_gives_identical_runs(script_runner, tmp_path):
+def test_same_seed_gives_identical_runs(finished_run):
     flags = ["--env-id", "Pendulum-v1", "--total-timesteps", "600", "--eval-freq", "0", "--eval-episodes", "1"]
     flags += [*TINY, "--log-freq", "100", "--seed", "7"]
-    logs = []
-    for _ in range(2):
-        result, cwd = script_runner("crossq_jax.py", *flags)
-        assert result.returncode == 0, result.stderr
-        logs.append(read_scalars(run_dirs(cwd)[-1]))
+    logs = [finished_run("crossq_jax.py", *flags) for _ in range(2)]
     for tag in ["charts/episodic_return", "losses/qf_loss", "losses/actor_loss", "eval/episodic_return"]:
         assert logs[0][tag] == logs[1][tag], tag
 
@@ -429,13 +425,12 @@ def test_divergence_stops_training_and_names_the_loss_and_step(tmp_path, monkeyp
 
 
 @pytest.mark.slow
-def test_crossq_learns_pendulum(script_runner):
+def test_crossq_learns_pendulum(finished_run):
     """SAC-based CrossQ, 256-wide critic: deterministic eval return >= -250 within 5000 env steps."""
-    result, cwd = script_runner(
+    scalars = finished_run(
         "crossq_jax.py",
         *["--env-id", "Pendulum-v1", "--critic-width", "256", "--learning-starts", "1000", "--seed", "1"],
         *["--total-timesteps", "5000", "--eval-freq", "1000", "--eval-episodes", "10"],
     )
-    assert result.returncode == 0, result.stderr
-    evals = dict(read_scalars(run_dirs(cwd)[0])["eval/episodic_return"])
+    evals = dict(scalars["eval/episodic_return"])
     assert max(evals.values()) >= -250, evals

@@ -344,13 +344,9 @@ def test_smoke_td3_baseline_on_mujoco(script_runner):
     assert args["critic_width"] == 32  # the flag after the preset word wins
 
 
-def test_same_seed_gives_identical_runs(script_runner):
+def test_same_seed_gives_identical_runs(finished_run):
     flags = ["--env-id", "Pendulum-v1", "--seed", "7", *TINY_RUN, "--total-timesteps", "400", "--eval-freq", "0"]
-    logs = []
-    for _ in range(2):
-        result, cwd = script_runner(SCRIPT, *flags)
-        assert result.returncode == 0, result.stderr
-        logs.append(read_scalars(run_dirs(cwd)[-1]))
+    logs = [finished_run(SCRIPT, *flags) for _ in range(2)]
     assert len(logs[0]["losses/qf_loss"]) == 2
     for tag in ["charts/episodic_return", "losses/qf_loss", "losses/actor_loss", "eval/episodic_return"]:
         assert logs[0][tag] == logs[1][tag], tag
@@ -437,15 +433,12 @@ def test_a_td3_run_resumes_as_td3_with_its_target_networks(tmp_path):
 
 
 @pytest.mark.slow
-def test_crossq_td3_learns_pendulum(script_runner):
-    result, cwd = script_runner(
+def test_crossq_td3_learns_pendulum(finished_run):
+    evals = finished_run(
         SCRIPT,
         *("--env-id", "Pendulum-v1", "--seed", "1", "--total-timesteps", "6000"),
         *("--critic-width", "256", "--learning-starts", "1000", "--eval-freq", "2000", "--eval-episodes", "5"),
-    )
-    assert result.returncode == 0, result.stderr
-    (run_dir,) = run_dirs(cwd)
-    evals = read_scalars(run_dir)["eval/episodic_return"]
+    )["eval/episodic_return"]
     assert [step for step, _ in evals] == [2000, 4000, 6000]
     assert evals[0][1] < -700  # it starts out bad ...
     assert evals[-1][1] >= -250, evals  # ... and learns to swing up within 6000 env steps

@@ -517,13 +517,12 @@ def test_a_resumed_high_utd_run_matches_the_uninterrupted_run(tmp_path, monkeypa
 
 
 @pytest.mark.slow
-def test_sac_learns_pendulum(script_runner):
+def test_sac_learns_pendulum(finished_run):
     """Plain SAC (Table 1 defaults): deterministic eval return >= -250 within 8000 env steps, seed 1."""
-    result, cwd = script_runner(
+    scalars = finished_run(
         "sac_jax.py",
         *["--env-id", "Pendulum-v1", "--learning-starts", "1000", "--seed", "1"],
         *["--total-timesteps", "8000", "--eval-freq", "1000", "--eval-episodes", "10"],
     )
-    assert result.returncode == 0, result.stderr
-    evals = dict(read_scalars(run_dirs(cwd)[0])["eval/episodic_return"])
+    evals = dict(scalars["eval/episodic_return"])
     assert max(evals.values()) >= -250, evals
