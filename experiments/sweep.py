@@ -1,0 +1,290 @@
+"""Run a grid of training runs (script x env x seed x flags) and keep each finished run's results.
+
+    python experiments/sweep.py experiments/grids/mujoco_cpu.toml --workers 1
+    python experiments/sweep.py experiments/grids/mujoco_cpu.toml --algos crossq sac --status
+
+A grid file (TOML) names the envs, the seeds, flags common to every run and, per algorithm, the
+command (a script of this repository, a preset word, flags). Each cell of the grid is one run of
+the unchanged script, in its own folder `{work_dir}/{algo}/{env}/seed{seed}/` (its `runs/`, its
+`log.txt`). Cells run seed by seed, so that every env has a first seed before any has a third.
+
+The sweep is restartable: a cell whose result file exists is skipped; a cell that stopped (killed,
+preempted, a session that ended) continues from its last checkpoint with `--resume` (give the
+grid a `--checkpoint-freq`); a cell that failed (exit 1 or 2: diverged, refused) is not retried
+unless `--retry-failed`. When a run finishes, its evaluation curve goes to
+`{results_dir}/{algo}/{env}/seed{seed}.json` (small, meant to be committed) with the command, the
+commit of the scripts and the machine beside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import tyro
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
+
+REPO = Path(__file__).resolve().parents[1]
+EXIT_FAILED = {1, 2}  # the scripts' exit codes for a diverged run and a refused command line
+
+
+@dataclasses.dataclass
+class SweepArgs:
+    grid: tyro.conf.Positional[Path]
+    """the grid file (TOML), e.g. experiments/grids/mujoco_cpu.toml"""
+    algos: list[str] | None = None
+    """run only these algorithms of the grid (default: all, in the grid's order)"""
+    envs: list[str] | None = None
+    """run only these envs of the grid"""
+    seeds: list[int] | None = None
+    """run only these seeds of the grid"""
+    work_dir: Path | None = None
+    """where the runs, logs and checkpoints go (default: sweeps/{grid name} in the current folder)"""
+    results_dir: Path | None = None
+    """where finished runs' result files go (default: experiments/results/{grid name} of this repository)"""
+    workers: int = 1
+    """runs at a time on this machine (each JAX run uses every core it gets: on 2 cores, 1 is right)"""
+    retry_failed: bool = False
+    """run again the cells whose last attempt exited with 1 (diverged) or 2 (refused)"""
+    status: bool = False
+    """print the state of every cell and exit without running anything"""
+    progress_every: float = 60.0
+    """seconds between progress lines"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One run of the grid."""
+
+    algo: str
+    env: str
+    seed: int
+    command: tuple[str, ...]  # script, preset word and flags, without --env-id and --seed
+
+    @property
+    def name(self) -> str:
+        return f"{self.algo}/{self.env}/seed{self.seed}"
+
+    def argv(self) -> list[str]:
+        script, *rest = self.command
+        return [sys.executable, str(REPO / script), *rest, "--env-id", self.env, "--seed", str(self.seed)]
+
+
+def load_grid(path: Path, algos=None, envs=None, seeds=None) -> tuple[str, list[Cell]]:
+    """The grid's name and its cells, seed by seed, then env, then algorithm."""
+    with open(path, "rb") as f:
+        grid = tomllib.load(f)
+    for field in ("name", "envs", "seeds", "algos"):
+        if field not in grid:
+            raise SystemExit(f"error: {path} has no `{field}`")
+    unknown = sorted(set(algos or []) - set(grid["algos"]))
+    if unknown:
+        raise SystemExit(f"error: {path} has no algorithm {unknown[0]!r} (it has {', '.join(grid['algos'])})")
+    common = shlex.split(grid.get("flags", ""))
+    cells = []
+    for seed in grid["seeds"]:
+        for env in grid["envs"]:
+            for algo, spec in grid["algos"].items():
+                if (algos and algo not in algos) or (envs and env not in envs) or (seeds and seed not in seeds):
+                    continue
+                command = shlex.split(spec["command"])
+                if not (REPO / command[0]).is_file():
+                    raise SystemExit(f"error: {path}: algos.{algo} runs {command[0]}, which is not a script here")
+                cells.append(Cell(algo, env, int(seed), (*command, *common)))
+    return grid["name"], cells
+
+
+# --- one cell: its folder, its state, its run -------------------------------------------------
+def cell_dir(work_dir: Path, cell: Cell) -> Path:
+    return work_dir / cell.algo / cell.env / f"seed{cell.seed}"
+
+
+def result_file(results_dir: Path, cell: Cell) -> Path:
+    return results_dir / cell.algo / cell.env / f"seed{cell.seed}.json"
+
+
+def latest_run(folder: Path) -> Path | None:
+    runs = sorted((folder / "runs").glob("*/"), key=lambda p: p.stat().st_mtime) if (folder / "runs").exists() else []
+    return runs[-1] if runs else None
+
+
+def cell_state(work_dir: Path, results_dir: Path, cell: Cell) -> str:
+    """done, failed, stopped (a checkpoint to resume from) or pending."""
+    if result_file(results_dir, cell).exists():
+        return "done"
+    folder = cell_dir(work_dir, cell)
+    if (folder / "failed").exists():
+        return "failed"
+    run = latest_run(folder)
+    if run is not None and (run / "checkpoint.npz").exists():
+        return "stopped"
+    return "pending"
+
+
+def start_cell(work_dir: Path, results_dir: Path, cell: Cell) -> subprocess.Popen:
+    """Start (or continue from its checkpoint) the cell's run in its own folder; output to log.txt."""
+    folder = cell_dir(work_dir, cell)
+    argv = cell.argv()
+    if cell_state(work_dir, results_dir, cell) == "stopped":
+        argv += ["--resume", str(latest_run(folder))]
+    else:  # a fresh start: what an attempt left without a checkpoint goes, so the folder holds one run
+        shutil.rmtree(folder / "runs", ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "failed").unlink(missing_ok=True)
+    log = open(folder / "log.txt", "a")
+    log.write(f"\n# {datetime.datetime.now().isoformat(timespec='seconds')} $ {shlex.join(argv)}\n")
+    log.flush()
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}
+    # A session of its own: a Ctrl-C in the sweep's terminal reaches the sweep, which passes on SIGTERM.
+    return subprocess.Popen(argv, cwd=folder, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def finish_cell(work_dir: Path, results_dir: Path, cell: Cell, returncode: int, provenance: dict) -> str:
+    """Record how a run ended: its result file when it finished, a `failed` marker when it failed."""
+    folder = cell_dir(work_dir, cell)
+    if returncode == 0:
+        write_result(result_file(results_dir, cell), cell, latest_run(folder), provenance)
+        return "done"
+    if returncode in EXIT_FAILED:
+        (folder / "failed").write_text(f"exit {returncode}\n")
+        return "failed"
+    return "stopped"  # a signal: the run checkpointed (SIGTERM) or not (SIGKILL); both resume
+
+
+def read_curve(run_dir: Path) -> list[dict]:
+    """The run's evaluations: env step, mean return, and training seconds (evaluation excluded) so far.
+
+    The scripts log `charts/SPS` = step / training seconds every `--log-freq` steps; the training time at
+    an evaluation is step / SPS at the same step (SPS is a whole number: at 100 SPS and more, < 1% off).
+    """
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})  # purges what a resume superseded
+    events.Reload()
+    sps = {e.step: e.value for e in events.Scalars("charts/SPS")}
+    curve = []
+    for e in events.Scalars("eval/episodic_return"):
+        seconds = e.step / sps[e.step] if sps.get(e.step) else None
+        curve.append({"step": e.step, "return": e.value, "train_seconds": seconds})
+    return curve
+
+
+def write_result(path: Path, cell: Cell, run_dir: Path, provenance: dict) -> None:
+    result = {
+        "algo": cell.algo,
+        "env": cell.env,
+        "seed": cell.seed,
+        "command": "python " + shlex.join([*cell.command, "--env-id", cell.env, "--seed", str(cell.seed)]),
+        **provenance,
+        "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+        "args": json.loads((run_dir / "args.json").read_text()),
+        "eval": read_curve(run_dir),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def provenance() -> dict:
+    """The commit of the scripts (with a note if the tree differs from it) and the machine."""
+    git = lambda *a: subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True).stdout.strip()
+    scripts = [p.name for p in REPO.glob("*.py")]  # the training scripts, at the top of the repository
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
+    return {
+        "commit": git("rev-parse", "HEAD") + (" with uncommitted changes" if git("status", "--porcelain", *scripts) else ""),
+        "hardware": f"{cpu or platform.processor()}, {os.cpu_count()} cores, {platform.system()}",
+    }
+
+
+# --- the local launcher -------------------------------------------------------------------------
+def last_progress(work_dir: Path, cell: Cell) -> str:
+    """`step N, M SPS` from the last progress line the run printed."""
+    try:
+        lines = (cell_dir(work_dir, cell) / "log.txt").read_text().splitlines()
+    except OSError:
+        return ""
+    for line in reversed(lines):
+        if line.startswith("step=") and "SPS=" in line:
+            fields = dict(field.split("=", 1) for field in line.split()[:2])
+            return f"step {fields['step']}, {fields['SPS']} SPS"
+    return "starting"
+
+
+def print_status(work_dir: Path, results_dir: Path, cells: list[Cell], running: dict) -> None:
+    states = [("running" if cell in running else cell_state(work_dir, results_dir, cell)) for cell in cells]
+    counts = {s: states.count(s) for s in ("done", "running", "stopped", "pending", "failed")}
+    stamp = datetime.datetime.now().strftime("%H:%M:%S")
+    print(f"[{stamp}] " + ", ".join(f"{n} {s}" for s, n in counts.items()) + f" of {len(cells)}", flush=True)
+    for cell in running:
+        print(f"    {cell.name}: {last_progress(work_dir, cell)}", flush=True)
+
+
+def run_local(args: SweepArgs, work_dir: Path, results_dir: Path, cells: list[Cell]) -> int:
+    """Run the cells that need running, `workers` at a time; returns how many failed."""
+    todo = [c for c in cells if cell_state(work_dir, results_dir, c) in ("pending", "stopped")]
+    if args.retry_failed:
+        todo += [c for c in cells if cell_state(work_dir, results_dir, c) == "failed"]
+    todo.sort(key=cells.index)
+    prov = provenance()
+    print(f"sweep: {len(todo)} of {len(cells)} runs to go, {args.workers} at a time; scripts at {prov['commit']}")
+    running: dict[Cell, subprocess.Popen] = {}
+    stopping: list[int] = []
+
+    def stop(signum, frame):  # pass the signal on: each run checkpoints, and resumes next time
+        stopping.append(signum)
+        for process in running.values():
+            process.send_signal(signal.SIGTERM)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
+    failed, next_report = 0, 0.0
+    while todo or running:
+        while todo and len(running) < args.workers and not stopping:
+            cell = todo.pop(0)
+            running[cell] = start_cell(work_dir, results_dir, cell)
+        for cell, process in list(running.items()):
+            if process.poll() is not None:
+                del running[cell]
+                outcome = finish_cell(work_dir, results_dir, cell, process.returncode, prov)
+                failed += outcome == "failed"
+                print(f"{cell.name}: {outcome} (exit {process.returncode})", flush=True)
+        if stopping and not running:
+            print(f"sweep stopped by {signal.Signals(stopping[0]).name}; run the same command to continue")
+            return 128 + stopping[0]
+        if time.monotonic() >= next_report:
+            print_status(work_dir, results_dir, cells, running)
+            next_report = time.monotonic() + args.progress_every
+        time.sleep(1.0)
+    print_status(work_dir, results_dir, cells, running)
+    return 1 if failed else 0
+
+
+def main(args: SweepArgs) -> int:
+    name, cells = load_grid(args.grid, args.algos, args.envs, args.seeds)
+    work_dir = (args.work_dir or Path("sweeps") / name).resolve()
+    results_dir = (args.results_dir or REPO / "experiments" / "results" / name).resolve()
+    if args.status:
+        print_status(work_dir, results_dir, cells, {})
+        for cell in cells:
+            print(f"    {cell.name}: {cell_state(work_dir, results_dir, cell)}")
+        return 0
+    return run_local(args, work_dir, results_dir, cells)
+
+
+if __name__ == "__main__":
+    sys.exit(main(tyro.cli(SweepArgs)))
