@@ -2,6 +2,7 @@
 
     python experiments/sweep.py experiments/grids/mujoco_cpu.toml --workers 1
     python experiments/sweep.py experiments/grids/mujoco_cpu.toml --algos crossq sac --status
+    python experiments/sweep.py experiments/grids/mujoco_cpu.toml --launcher slurm --partition cpu --time-min 120
 
 A grid file (TOML) names the envs, the seeds, flags common to every run and, per algorithm, the
 command (a script of this repository, a preset word, flags). Each cell of the grid is one run of
@@ -14,6 +15,11 @@ grid a `--checkpoint-freq`); a cell that failed (exit 1 or 2: diverged, refused)
 unless `--retry-failed`. When a run finishes, its evaluation curve goes to
 `{results_dir}/{algo}/{env}/seed{seed}.json` (small, meant to be committed) with the command, the
 commit of the scripts and the machine beside it.
+
+On a SLURM cluster (`--launcher slurm`, needs `pip install -r requirements-experiments.txt`), the cells
+to run go out as one job array through submitit, one array task per cell, in the same folders (which
+must be on a file system the nodes share). A task that reaches its time limit, or is preempted, stops
+its run with a checkpoint and is requeued; the requeued task continues the run with `--resume`.
 """
 
 from __future__ import annotations
@@ -30,12 +36,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 import tyro
 
-if sys.version_info >= (3, 11):
+try:
     import tomllib
-else:  # Python 3.10
+except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,6 +71,20 @@ class SweepArgs:
     """print the state of every cell and exit without running anything"""
     progress_every: float = 60.0
     """seconds between progress lines"""
+    launcher: Literal["local", "slurm"] = "local"
+    """run the cells here (`workers` at a time), or as one SLURM job array through submitit"""
+    partition: str | None = None
+    """SLURM: the partition (default: the cluster's default partition)"""
+    time_min: int = 60
+    """SLURM: the time limit of each task in minutes; at the limit a run checkpoints and its task is requeued"""
+    max_timeouts: int = 10
+    """SLURM: how often a task may reach its time limit and be requeued (preemptions do not count)"""
+    cpus_per_task: int = 2
+    """SLURM: cores per task (one run: JAX uses all it gets)"""
+    mem_gb: float | None = None
+    """SLURM: memory per task in GB (default: the cluster's default)"""
+    array_parallelism: int = 64
+    """SLURM: array tasks running at a time"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +156,7 @@ def cell_state(work_dir: Path, results_dir: Path, cell: Cell) -> str:
     return "pending"
 
 
-def start_cell(work_dir: Path, results_dir: Path, cell: Cell) -> subprocess.Popen:
+def start_cell(work_dir: Path, results_dir: Path, cell: Cell, in_slurm_task: bool = False) -> subprocess.Popen:
     """Start (or continue from its checkpoint) the cell's run in its own folder; output to log.txt."""
     folder = cell_dir(work_dir, cell)
     argv = cell.argv()
@@ -145,12 +166,16 @@ def start_cell(work_dir: Path, results_dir: Path, cell: Cell) -> subprocess.Pope
         shutil.rmtree(folder / "runs", ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "failed").unlink(missing_ok=True)
-    log = open(folder / "log.txt", "a")
-    log.write(f"\n# {datetime.datetime.now().isoformat(timespec='seconds')} $ {shlex.join(argv)}\n")
-    log.flush()
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}
-    # A session of its own: a Ctrl-C in the sweep's terminal reaches the sweep, which passes on SIGTERM.
-    return subprocess.Popen(argv, cwd=folder, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    # Local: a session of its own, so that a Ctrl-C in the sweep's terminal reaches only the sweep (which passes
+    # on SIGTERM). SLURM task: the task's process group, so that the cluster's SIGTERM (preemption, scancel)
+    # reaches the run whatever the cluster's process tracking; USR2 (submitit's time-limit signal) is the task's.
+    ignore_usr2 = lambda: signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    how = {"preexec_fn": ignore_usr2} if in_slurm_task else {"start_new_session": True}
+    with open(folder / "log.txt", "a") as log:  # the run writes to its own copy of the file descriptor
+        log.write(f"\n# {datetime.datetime.now().isoformat(timespec='seconds')} $ {shlex.join(argv)}\n")
+        log.flush()
+        return subprocess.Popen(argv, cwd=folder, stdout=log, stderr=subprocess.STDOUT, env=env, **how)
 
 
 def finish_cell(work_dir: Path, results_dir: Path, cell: Cell, returncode: int, provenance: dict) -> str:
@@ -204,36 +229,42 @@ def provenance() -> dict:
     """The commit of the scripts (with a note if the tree differs from it) and the machine."""
     git = lambda *a: subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True).stdout.strip()
     scripts = [p.name for p in REPO.glob("*.py")]  # the training scripts, at the top of the repository
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # a task's share
+    dirty = " with uncommitted changes" if git("status", "--porcelain", *scripts) else ""
     return {
-        "commit": git("rev-parse", "HEAD") + (" with uncommitted changes" if git("status", "--porcelain", *scripts) else ""),
-        "hardware": f"{cpu or platform.processor()}, {os.cpu_count()} cores, {platform.system()}",
+        "commit": git("rev-parse", "HEAD") + dirty,
+        "hardware": f"{cpu or platform.processor()}, {cores} cores, {platform.system()}",
     }
 
 
-# --- the local launcher -------------------------------------------------------------------------
+# --- progress -------------------------------------------------------------------------------------
 def last_progress(work_dir: Path, cell: Cell) -> str:
-    """`step N, M SPS` from the last progress line the run printed."""
+    """`step N, M SPS` from the last progress line the run printed (`step=N SPS=M ...`)."""
     try:
         lines = (cell_dir(work_dir, cell) / "log.txt").read_text().splitlines()
     except OSError:
         return ""
     for line in reversed(lines):
-        if line.startswith("step=") and "SPS=" in line:
-            fields = dict(field.split("=", 1) for field in line.split()[:2])
+        fields = dict(word.split("=", 1) for word in line.split() if "=" in word)
+        if "step" in fields and "SPS" in fields:
             return f"step {fields['step']}, {fields['SPS']} SPS"
     return "starting"
 
 
-def print_status(work_dir: Path, results_dir: Path, cells: list[Cell], running: dict) -> None:
-    states = [("running" if cell in running else cell_state(work_dir, results_dir, cell)) for cell in cells]
-    counts = {s: states.count(s) for s in ("done", "running", "stopped", "pending", "failed")}
+def print_status(work_dir: Path, results_dir: Path, cells: list[Cell], active: dict[Cell, str]) -> None:
+    """A line of counts, then one per running cell; `active`: the cells running (or queued on SLURM) now."""
+    states = [active.get(cell) or cell_state(work_dir, results_dir, cell) for cell in cells]
+    names = [s for s in ("done", "running", "queued", "stopped", "pending", "failed") if s != "queued" or s in states]
     stamp = datetime.datetime.now().strftime("%H:%M:%S")
-    print(f"[{stamp}] " + ", ".join(f"{n} {s}" for s, n in counts.items()) + f" of {len(cells)}", flush=True)
-    for cell in running:
-        print(f"    {cell.name}: {last_progress(work_dir, cell)}", flush=True)
+    print(f"[{stamp}] " + ", ".join(f"{states.count(s)} {s}" for s in names) + f" of {len(cells)}", flush=True)
+    for cell, state in active.items():
+        if state == "running":
+            print(f"    {cell.name}: {last_progress(work_dir, cell)}", flush=True)
 
 
+# --- the local launcher -------------------------------------------------------------------------
 def run_local(args: SweepArgs, work_dir: Path, results_dir: Path, cells: list[Cell]) -> int:
     """Run the cells that need running, `workers` at a time; returns how many failed."""
     todo = [c for c in cells if cell_state(work_dir, results_dir, c) in ("pending", "stopped")]
@@ -267,11 +298,124 @@ def run_local(args: SweepArgs, work_dir: Path, results_dir: Path, cells: list[Ce
             print(f"sweep stopped by {signal.Signals(stopping[0]).name}; run the same command to continue")
             return 128 + stopping[0]
         if time.monotonic() >= next_report:
-            print_status(work_dir, results_dir, cells, running)
+            print_status(work_dir, results_dir, cells, dict.fromkeys(running, "running"))
             next_report = time.monotonic() + args.progress_every
         time.sleep(1.0)
-    print_status(work_dir, results_dir, cells, running)
+    print_status(work_dir, results_dir, cells, {})
     return 1 if failed else 0
+
+
+# --- the SLURM launcher (submitit) -----------------------------------------------------------------
+@dataclasses.dataclass
+class CellTask:
+    """What one array task runs: the cell's run, started or continued from its checkpoint, then its result.
+
+    Time limit: submitit's USR2 (90 s before) calls `checkpoint()`, which stops the run with SIGTERM
+    (the scripts write a checkpoint, then exit) and hands submitit a fresh CellTask to requeue; that
+    task continues the run with `--resume`. Preemption (SIGTERM to every process of the job, then a
+    requeue by SLURM): the run gets the SIGTERM itself, and the requeued task continues it the same way.
+    """
+
+    work_dir: Path
+    results_dir: Path
+    cell: Cell
+
+    def __call__(self) -> str:
+        state = cell_state(self.work_dir, self.results_dir, self.cell)
+        if state in ("done", "failed"):  # recorded before this task was requeued
+            return state
+        self.outcome: str | None = None
+        self.got_sigterm = False
+        signal.signal(signal.SIGTERM, self.note_sigterm)  # (submitit's handler only logs it)
+        self.process = start_cell(self.work_dir, self.results_dir, self.cell, in_slurm_task=True)
+        while self.process.poll() is None:
+            time.sleep(1.0)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})  # a USR2 now waits until the outcome is kept
+        try:
+            return self.finish()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR2})
+
+    def note_sigterm(self, signum, frame) -> None:
+        self.got_sigterm = True  # the cluster signals the whole job: the run got it too
+
+    def finish(self) -> str:
+        if self.outcome is None:
+            returncode = self.process.returncode
+            self.outcome = finish_cell(self.work_dir, self.results_dir, self.cell, returncode, provenance())
+            print(f"{self.cell.name}: {self.outcome} (exit {returncode})", flush=True)
+        return self.outcome
+
+    def checkpoint(self):
+        """submitit's hook on USR2: stop the run with a checkpoint; what to requeue."""
+        import submitit
+
+        if getattr(self, "process", None) is not None:
+            if self.process.poll() is None and not self.got_sigterm:
+                self.process.send_signal(signal.SIGTERM)  # once: a second one means "exit without a checkpoint"
+            while self.process.poll() is None:
+                time.sleep(0.5)
+            self.finish()
+        return submitit.helpers.DelayedSubmission(CellTask(self.work_dir, self.results_dir, self.cell))
+
+
+def slurm_jobs(work_dir: Path, cells: list[Cell]) -> dict[Cell, str]:
+    """The cells whose array task is in the SLURM queue, and its state there: running or queued."""
+    markers = {cell: cell_dir(work_dir, cell) / "slurm_job" for cell in cells}
+    job_ids = {path.read_text().strip(): cell for cell, path in markers.items() if path.exists()}
+    if not job_ids or shutil.which("squeue") is None:
+        return {}
+    # (Not `--jobs`: squeue refuses a list that names a job it has forgotten.)
+    squeue = ["squeue", "--me", "--array", "--noheader", "--format=%i %T"]
+    lines = subprocess.run(squeue, capture_output=True, text=True).stdout.splitlines()
+    active = {}
+    for job_id, state in (line.split() for line in lines if line.strip()):
+        if job_id in job_ids:
+            active[job_ids[job_id]] = "running" if state in ("RUNNING", "COMPLETING", "CONFIGURING") else "queued"
+    return active
+
+
+def run_slurm(args: SweepArgs, name: str, work_dir: Path, results_dir: Path, cells: list[Cell]) -> int:
+    """Submit the cells that need running (and are not in the queue) as one job array, then watch it."""
+    import submitit  # only this launcher needs it: pip install -r requirements-experiments.txt
+
+    queued = slurm_jobs(work_dir, cells)
+    wanted = ("pending", "stopped", "failed") if args.retry_failed else ("pending", "stopped")
+    todo = [c for c in cells if c not in queued and cell_state(work_dir, results_dir, c) in wanted]
+    if todo:
+        executor = submitit.SlurmExecutor(folder=work_dir / "slurm" / "%j", max_num_timeout=args.max_timeouts)
+        options = {"partition": args.partition, "mem": f"{round(args.mem_gb * 1024)}M" if args.mem_gb else None}
+        executor.update_parameters(
+            job_name=f"sweep-{name}",
+            time=args.time_min,
+            cpus_per_task=args.cpus_per_task,
+            array_parallelism=args.array_parallelism,
+            **{key: value for key, value in options.items() if value is not None},
+        )
+        for cell in todo:  # (a retried cell's marker goes now: inside a task, `failed` means "this time")
+            cell_dir(work_dir, cell).mkdir(parents=True, exist_ok=True)
+            (cell_dir(work_dir, cell) / "failed").unlink(missing_ok=True)
+        jobs = executor.submit_array([CellTask(work_dir, results_dir, cell) for cell in todo])
+        for cell, job in zip(todo, jobs, strict=True):
+            (cell_dir(work_dir, cell) / "slurm_job").write_text(job.job_id + "\n")
+        print(f"sweep: job array {jobs[0].job_id.split('_')[0]} submitted", flush=True)
+    print(
+        f"sweep: {len(todo)} of {len(cells)} runs submitted, {len(queued)} in the queue already "
+        "(Ctrl-C stops the watching, not the jobs)",
+        flush=True,
+    )
+    next_report = 0.0
+    try:
+        while active := slurm_jobs(work_dir, cells):
+            if time.monotonic() >= next_report:
+                print_status(work_dir, results_dir, cells, active)
+                next_report = time.monotonic() + args.progress_every
+            time.sleep(min(5.0, args.progress_every))
+    except KeyboardInterrupt:
+        print("\nstopped watching; the jobs go on (`--status` shows them)")
+        return 0
+    print_status(work_dir, results_dir, cells, {})
+    return 0 if all(cell_state(work_dir, results_dir, c) == "done" for c in cells) else 1
 
 
 def main(args: SweepArgs) -> int:
@@ -279,10 +423,13 @@ def main(args: SweepArgs) -> int:
     work_dir = (args.work_dir or Path("sweeps") / name).resolve()
     results_dir = (args.results_dir or REPO / "experiments" / "results" / name).resolve()
     if args.status:
-        print_status(work_dir, results_dir, cells, {})
+        active = slurm_jobs(work_dir, cells)
+        print_status(work_dir, results_dir, cells, active)
         for cell in cells:
-            print(f"    {cell.name}: {cell_state(work_dir, results_dir, cell)}")
+            print(f"    {cell.name}: {active.get(cell) or cell_state(work_dir, results_dir, cell)}")
         return 0
+    if args.launcher == "slurm":
+        return run_slurm(args, name, work_dir, results_dir, cells)
     return run_local(args, work_dir, results_dir, cells)
 
 
