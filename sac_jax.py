@@ -5,6 +5,9 @@
 #   DroQ (Hiraoka et al., ICLR 2022): critics with Dropout(0.01) and LayerNorm, UTD 20.
 # Unlike CrossQ there is no BatchNorm, the critics evaluate (s, a) and the target critics
 # (s', a') in two separate passes, and the target critics trail the critics by Polyak averaging.
+# The paper's SAC ablations are flags: BatchNorm or BRN with target networks (`--bn-mode`),
+# SAC without target networks (`--no-target-network`, one joint pass as CrossQ), and the critic
+# activations of its Figures 8 and 16 (`--critic-activation`).
 # One self-contained file: networks, replay buffer, jitted update and training loop.
 import dataclasses
 import json
@@ -16,7 +19,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -27,6 +30,11 @@ import numpy as np
 import optax
 import tyro
 from flax.training.train_state import TrainState
+
+# The critics' activations: the eight of the paper's Figure 16 (as the authors' sbx/sac/utils.py
+# defines them, see CriticActivation), then gelu and silu.
+CRITIC_ACTIVATIONS = ("relu", "tanh", "elu", "glu", "relu6", "sin", "relu_over_max", "layernormed_relu", "gelu", "silu")
+BN_MODES = ("none", "bn", "brn")
 
 
 @dataclasses.dataclass
@@ -61,8 +69,8 @@ class Args:
     """the replay memory buffer size"""
     batch_size: int = 256
     """the batch size of sample from the replay memory"""
-    activation: Literal["relu", "tanh", "elu", "gelu", "silu", "relu6", "sin"] = "relu"
-    """the activation function of the hidden layers"""
+    critic_activation: Annotated[str, tyro.conf.arg(metavar="{" + ",".join(CRITIC_ACTIVATIONS) + "}")] = "relu"
+    """the activation of the critics' hidden layers (the actor always uses relu); glu halves the width"""
     layer_norm: bool = False
     """LayerNorm after each hidden Dense (and Dropout) of the critics (DroQ)"""
     dropout_rate: float = 0.0
@@ -73,6 +81,18 @@ class Args:
     """the width of the actor's two hidden layers"""
     tau: float = 0.005
     """target networks: target <- tau * critic + (1 - tau) * target after every critic update"""
+    target_network: bool = True
+    """keep target critics (`--no-target-network`: none, and one joint critic pass over (s, a) and (s', a'),
+    as CrossQ; `--tau` is then unused)"""
+    bn_mode: Annotated[str, tyro.conf.arg(metavar="{" + ",".join(BN_MODES) + "}")] = "none"
+    """normalisation layers in critics and actor: none, plain BatchNorm (bn) or Batch Renormalization (brn);
+    with target networks, the target critics use the live critics' running statistics"""
+    bn_momentum: float = 0.99
+    """momentum of the running statistics of the normalisation layers"""
+    bn_warmup_steps: int = 100_000
+    """train-mode calls of a BRN layer during which it acts as plain BatchNorm"""
+    actor_bn: bool = True
+    """with --bn-mode bn or brn, normalise the actor too, as the authors' code does (`--no-actor-bn`: critics only)"""
     adam_b1: float = 0.9
     """Adam's beta1 for the actor and the critic"""
     utd: int = 1
@@ -156,9 +176,20 @@ def check_args(args: Args) -> None:
     for name in positive:
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
-    for name in ["learning_starts", "eval_freq", "checkpoint_freq"]:
+    for name in ["learning_starts", "bn_warmup_steps", "eval_freq", "checkpoint_freq"]:
         if getattr(args, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must not be negative (got {getattr(args, name)})")
+    for name, choices in [("critic_activation", CRITIC_ACTIVATIONS), ("bn_mode", BN_MODES)]:
+        if getattr(args, name) not in choices:
+            flag = f"--{name.replace('_', '-')}"
+            raise ConfigError(f"{flag} must be one of {', '.join(choices)} (got {getattr(args, name)!r})")
+    if args.critic_activation == "glu" and args.critic_width % 2:
+        raise ConfigError(
+            f"--critic-activation glu halves each hidden layer's width: --critic-width must be even "
+            f"(got {args.critic_width})"
+        )
+    if not 0.0 < args.bn_momentum < 1.0:
+        raise ConfigError(f"--bn-momentum must lie in (0, 1) (got {args.bn_momentum})")
     if not 1 <= args.target_subset_size <= args.n_critics:
         raise ConfigError(
             f"--target-subset-size must lie between 1 and --n-critics ({args.n_critics}) "
@@ -268,47 +299,142 @@ class SummaryWriter:
         self._writer.close()
 
 
+# ALGO LOGIC: Batch Renormalization (the `--bn-mode` ablations; plain SAC has none)
+class BatchRenorm(nn.Module):
+    """Batch Renormalization (Ioffe, 2017) as CrossQ uses it; a drop-in for `flax.linen.BatchNorm`.
+
+    Train mode (`use_running_average=False`, `batch_stats` mutable): batch mean `mu_B` and biased
+    variance `var_B`, corrected towards the running statistics after `warmup_steps` train calls:
+
+        r = clip(sqrt(var_B + eps) / sqrt(var_R + eps), 1 / r_max, r_max)      (no gradient)
+        d = clip((mu_B - mu_R) / sqrt(var_R + eps), -d_max, d_max)             (no gradient)
+        y = scale * (x - mean) / sqrt(var + eps) + bias, mean = mu_B - d * sqrt(var_B) / r, var = var_B / r**2
+
+    (before the switch mean, var = mu_B, var_B: plain BatchNorm); then the running statistics move
+    toward the raw batch statistics with `momentum` and the `steps` counter grows. Eval mode:
+    y = scale * (x - mu_R) / sqrt(var_R + eps) + bias, nothing changes. `r_max=1, d_max=0` is BatchNorm.
+    """
+
+    use_running_average: bool | None = None
+    momentum: float = 0.99
+    epsilon: float = 1e-3
+    r_max: float = 3.0
+    d_max: float = 5.0
+    warmup_steps: int = 100_000
+
+    @nn.compact
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+        use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        features = (x.shape[-1],)
+        reduction_axes = tuple(range(x.ndim - 1))
+        running_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros(features, jnp.float32))
+        running_var = self.variable("batch_stats", "var", lambda: jnp.ones(features, jnp.float32))
+        steps = self.variable("batch_stats", "steps", lambda: jnp.zeros((), jnp.int32))
+        scale = self.param("scale", nn.initializers.ones, features)
+        bias = self.param("bias", nn.initializers.zeros, features)
+
+        if use_running_average:
+            mean, var = running_mean.value, running_var.value
+        else:
+            batch_mean = x.mean(reduction_axes)
+            batch_var = jnp.maximum((x**2).mean(reduction_axes) - batch_mean**2, 0.0)
+            running_std = jnp.sqrt(running_var.value + self.epsilon)
+            r = jax.lax.stop_gradient(
+                jnp.clip(jnp.sqrt(batch_var + self.epsilon) / running_std, 1.0 / self.r_max, self.r_max)
+            )
+            d = jax.lax.stop_gradient(
+                jnp.clip((batch_mean - running_mean.value) / running_std, -self.d_max, self.d_max)
+            )
+            # sqrt(var_B) with a zero (not infinite) gradient where var_B == 0 (a dead ReLU unit).
+            positive = batch_var > 0.0
+            batch_std = jnp.where(positive, jnp.sqrt(jnp.where(positive, batch_var, 1.0)), 0.0)
+            renormalise = steps.value >= self.warmup_steps
+            mean = jnp.where(renormalise, batch_mean - d * batch_std / r, batch_mean)
+            var = jnp.where(renormalise, batch_var / r**2, batch_var)
+            if not self.is_initializing():
+                m = self.momentum
+                running_mean.value = m * running_mean.value + (1.0 - m) * jax.lax.stop_gradient(batch_mean)
+                running_var.value = m * running_var.value + (1.0 - m) * jax.lax.stop_gradient(batch_var)
+                steps.value = steps.value + 1
+
+        return (x - mean) * (scale * jax.lax.rsqrt(var + self.epsilon)) + bias
+
+
+class Normalization(nn.Module):
+    """The layer `--bn-mode` selects: BRN, plain BN (BRN with r=1, d=0) or none (the identity)."""
+
+    mode: str = "none"
+    momentum: float = 0.99
+    warmup_steps: int = 100_000
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        if self.mode == "none":
+            return x
+        limits = {"brn": {"r_max": 3.0, "d_max": 5.0}, "bn": {"r_max": 1.0, "d_max": 0.0}}[self.mode]
+        return BatchRenorm(
+            use_running_average=not train, momentum=self.momentum, warmup_steps=self.warmup_steps, **limits
+        )(x)
+
+
 # ALGO LOGIC: networks
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "relu": nn.relu,
-    "tanh": nn.tanh,
-    "elu": nn.elu,
-    "gelu": nn.gelu,
-    "silu": nn.silu,
-    "relu6": nn.relu6,
-    "sin": jnp.sin,
-}
+class CriticActivation(nn.Module):
+    """The critics' activation (`--critic-activation`), each as the authors' sbx/sac/utils.py defines it.
+
+    glu is flax's: the first half of the features times the sigmoid of the second half, so the next
+    Dense sees half the width. relu_over_max divides relu(x) by (the max of relu(x) + 1e-6) over the
+    whole tensor, every row of the batch and every feature (the paper's text says "over the feature
+    vector"; the code takes one max). layernormed_relu is LayerNorm(relu(x)) with a learned scale and bias.
+    """
+
+    kind: str = "relu"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.kind == "layernormed_relu":
+            return nn.LayerNorm()(nn.relu(x))
+        if self.kind == "relu_over_max":
+            x = nn.relu(x)
+            return x / (x.max() + 1e-6)
+        elementwise = {"relu": nn.relu, "tanh": nn.tanh, "elu": nn.elu, "relu6": nn.relu6, "sin": jnp.sin}
+        return {**elementwise, "glu": nn.glu, "gelu": nn.gelu, "silu": nn.silu}[self.kind](x)
 
 
 class Critic(nn.Module):
-    """Q(s, a): concat(s, a) -> [Dense -> Dropout -> LayerNorm -> act] x 2 -> Dense(1).
+    """Q(s, a): concat(s, a) -> norm -> [Dense -> Dropout -> LayerNorm -> act -> norm] x 2 -> Dense(1).
 
-    Dropout (rate > 0) and LayerNorm (`layer_norm`) are DroQ's; plain SAC has neither.
-    Dropout is active when `train` is True and then needs a `dropout` rng.
+    Dropout (rate > 0) and LayerNorm (`layer_norm`) are DroQ's; plain SAC has neither, and no
+    normalisation layers (`bn_mode` none) either. Dropout is active when `train` is True and then
+    needs a `dropout` rng. The normalisation layers use (and update) the batch's statistics only when
+    `use_running_average` is False: in the critic-loss pass.
     """
 
     width: int = 256
     activation: str = "relu"
     layer_norm: bool = False
     dropout_rate: float = 0.0
+    bn_mode: str = "none"
+    bn_momentum: float = 0.99
+    bn_warmup_steps: int = 100_000
 
     @nn.compact
-    def __call__(self, obs: jax.Array, actions: jax.Array, train: bool) -> jax.Array:
-        x = jnp.concatenate([obs, actions], axis=-1)
+    def __call__(self, obs: jax.Array, actions: jax.Array, train: bool, use_running_average: bool = True) -> jax.Array:
+        norm = lambda x: Normalization(self.bn_mode, self.bn_momentum, self.bn_warmup_steps)(x, not use_running_average)
+        x = norm(jnp.concatenate([obs, actions], axis=-1))
         for _ in range(2):
             x = nn.Dense(self.width)(x)
             if self.dropout_rate > 0.0:
                 x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
             if self.layer_norm:
                 x = nn.LayerNorm()(x)
-            x = ACTIVATIONS[self.activation](x)
+            x = norm(CriticActivation(self.activation)(x))
         return nn.Dense(1)(x).squeeze(-1)
 
 
 class CriticEnsemble(nn.Module):
     """`n_critics` independent critics evaluated in one vectorised call; returns (n_critics, batch).
 
-    Each member gets its own parameters and its own dropout masks.
+    Each member gets its own parameters, running statistics and dropout masks.
     """
 
     n_critics: int = 2
@@ -316,35 +442,54 @@ class CriticEnsemble(nn.Module):
     activation: str = "relu"
     layer_norm: bool = False
     dropout_rate: float = 0.0
+    bn_mode: str = "none"
+    bn_momentum: float = 0.99
+    bn_warmup_steps: int = 100_000
 
     @nn.compact
-    def __call__(self, obs: jax.Array, actions: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, obs: jax.Array, actions: jax.Array, train: bool, use_running_average: bool = True) -> jax.Array:
         ensemble = nn.vmap(
             Critic,
-            variable_axes={"params": 0},
+            variable_axes={"params": 0, "batch_stats": 0},
             split_rngs={"params": True, "dropout": True},
             in_axes=None,
             out_axes=0,
             axis_size=self.n_critics,
         )
-        return ensemble(self.width, self.activation, self.layer_norm, self.dropout_rate)(obs, actions, train)
+        critic = ensemble(
+            self.width,
+            self.activation,
+            self.layer_norm,
+            self.dropout_rate,
+            self.bn_mode,
+            self.bn_momentum,
+            self.bn_warmup_steps,
+        )
+        return critic(obs, actions, train, use_running_average)
 
 
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
 
 
 class Actor(nn.Module):
-    """pi(a|s): s -> [Dense -> act] x 2 -> (mean, log_std) of a tanh-squashed Gaussian."""
+    """pi(a|s): s -> norm -> [Dense -> relu -> norm] x 2 -> (mean, log_std) of a tanh-squashed Gaussian.
+
+    relu whatever the critics use (the authors' activation flag changes the critics only); no
+    normalisation unless `--bn-mode` asks for it, then in train mode only in the actor loss.
+    """
 
     action_dim: int
     width: int = 256
-    activation: str = "relu"
+    bn_mode: str = "none"
+    bn_momentum: float = 0.99
+    bn_warmup_steps: int = 100_000
 
     @nn.compact
-    def __call__(self, obs: jax.Array) -> tuple[jax.Array, jax.Array]:
-        x = obs
+    def __call__(self, obs: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
+        norm = lambda x: Normalization(self.bn_mode, self.bn_momentum, self.bn_warmup_steps)(x, train)
+        x = norm(obs)
         for _ in range(2):
-            x = ACTIVATIONS[self.activation](nn.Dense(self.width)(x))
+            x = norm(nn.relu(nn.Dense(self.width)(x)))
         mean = nn.Dense(self.action_dim)(x)
         log_std = jnp.clip(nn.Dense(self.action_dim)(x), LOG_STD_MIN, LOG_STD_MAX)
         return mean, log_std
@@ -361,17 +506,25 @@ def sample_tanh_gaussian(mean: jax.Array, log_std: jax.Array, key: jax.Array) ->
     return jnp.tanh(u), (gaussian_logp - log_det_tanh).sum(-1)
 
 
-class TargetTrainState(TrainState):
-    """A flax TrainState that also carries the target critics: their parameters (Polyak-averaged)
-    and the apply function of the ensemble the target pass runs (REDQ: only M members)."""
+class BNTrainState(TrainState):
+    """A flax TrainState that also carries the network's running statistics (`batch_stats`; empty
+    without normalisation layers)."""
+
+    batch_stats: Any
+
+
+class CriticTrainState(BNTrainState):
+    """The critics' TrainState, with the target critics: their parameters (Polyak-averaged; None with
+    `--no-target-network`) and the apply function of the ensemble the target pass runs (REDQ: only M
+    members). The target critics have no running statistics of their own: they use the live ones."""
 
     target_params: Any
     target_apply_fn: Callable = flax.struct.field(pytree_node=False)
 
 
 class AgentState(NamedTuple):
-    actor: TrainState
-    critic: TargetTrainState
+    actor: BNTrainState
+    critic: CriticTrainState
     log_alpha: TrainState  # log of the entropy coefficient, learned
 
 
@@ -455,13 +608,16 @@ def buffer_sample(buffer: ReplayBuffer, key: jax.Array, batch_size: int) -> Tran
 
 # ALGO LOGIC: the SAC / REDQ / DroQ update
 def create_agent(args: Args, obs_dim: int, action_dim: int, key: jax.Array) -> AgentState:
-    """Fresh actor, critics with their target copy, and entropy coefficient; the modules ride along as apply_fns."""
-    actor = Actor(action_dim, args.actor_width, args.activation)
+    """Fresh actor, critics (with their target copy unless `--no-target-network`) and entropy
+    coefficient; the modules ride along as apply_fns."""
+    norm = {"bn_mode": args.bn_mode, "bn_momentum": args.bn_momentum, "bn_warmup_steps": args.bn_warmup_steps}
+    actor = Actor(action_dim, args.actor_width, **(norm if args.actor_bn else {}))
     critic_kwargs = {
         "width": args.critic_width,
-        "activation": args.activation,
+        "activation": args.critic_activation,
         "layer_norm": args.layer_norm,
         "dropout_rate": args.dropout_rate,
+        **norm,
     }
     critic = CriticEnsemble(args.n_critics, **critic_kwargs)
     # The target pass evaluates only the M target critics it draws: an M-member ensemble applied
@@ -469,15 +625,19 @@ def create_agent(args: Args, obs_dim: int, action_dim: int, key: jax.Array) -> A
     target_critic = CriticEnsemble(args.target_subset_size, **critic_kwargs)
     actor_key, critic_key = jax.random.split(key)
     obs, actions = jnp.zeros((1, obs_dim)), jnp.zeros((1, action_dim))
-    critic_params = critic.init(critic_key, obs, actions, train=False)["params"]
+    actor_vars = actor.init(actor_key, obs)
+    critic_vars = critic.init(critic_key, obs, actions, train=False)
     adam = optax.adam(args.learning_rate, b1=args.adam_b1)
     return AgentState(
-        actor=TrainState.create(apply_fn=actor.apply, params=actor.init(actor_key, obs)["params"], tx=adam),
-        critic=TargetTrainState.create(
+        actor=BNTrainState.create(
+            apply_fn=actor.apply, params=actor_vars["params"], batch_stats=actor_vars.get("batch_stats", {}), tx=adam
+        ),
+        critic=CriticTrainState.create(
             apply_fn=critic.apply,
-            params=critic_params,
+            params=critic_vars["params"],
+            batch_stats=critic_vars.get("batch_stats", {}),
             # An exact copy in buffers of its own: the train step donates the agent.
-            target_params=jax.tree.map(jnp.copy, critic_params),
+            target_params=jax.tree.map(jnp.copy, critic_vars["params"]) if args.target_network else None,
             target_apply_fn=target_critic.apply,
             tx=adam,
         ),
@@ -488,8 +648,8 @@ def create_agent(args: Args, obs_dim: int, action_dim: int, key: jax.Array) -> A
     )
 
 
-def variables_of(state: TrainState) -> dict:
-    return {"params": state.params}
+def variables_of(state: BNTrainState) -> dict:
+    return {"params": state.params, "batch_stats": state.batch_stats}
 
 
 def polyak_update(params: Any, target_params: Any, tau: float) -> Any:
@@ -509,25 +669,32 @@ def target_subset(key: jax.Array, n_critics: int, subset_size: int) -> jax.Array
 # paper (Algorithm 2 updates the policy on the dropout Q-functions), the DroQ authors' code (the
 # critics never leave train mode) and the CrossQ authors' code (dropout always stochastic) all
 # do so. Only the actor acts in the env, so exploration and evaluation see no dropout.
-def q_values(apply_fn: Callable, params, obs: jax.Array, actions: jax.Array, dropout_key: jax.Array) -> jax.Array:
-    """Q of every ensemble member, (n, B), with dropout active (a no-op without dropout layers)."""
-    return apply_fn({"params": params}, obs, actions, train=True, rngs={"dropout": dropout_key})
+# Normalisation layers (`--bn-mode`) use the batch's statistics in the critic-loss pass only; the
+# target and actor-loss passes use the running statistics and leave them alone.
+def q_values(apply_fn: Callable, variables: dict, obs: jax.Array, actions: jax.Array, dropout_key: jax.Array):
+    """Q of every ensemble member, (n, B), with dropout active and running statistics (eval mode)."""
+    return apply_fn(variables, obs, actions, train=True, rngs={"dropout": dropout_key})
 
 
-def target_min_q(critic: TargetTrainState, obs: jax.Array, actions: jax.Array, key: jax.Array, subset_size: int):
-    """min over a random subset of `subset_size` target critics; returns (min (B,), the subset's indices)."""
+def target_min_q(critic: CriticTrainState, obs: jax.Array, actions: jax.Array, key: jax.Array, subset_size: int):
+    """min over a random subset of `subset_size` target critics; returns (min (B,), the subset's indices).
+
+    The target critics normalise with the live critics' running statistics (the authors'
+    `bnstats_live_net`, the "+BN/+BRN with target networks" arms of the paper's Figures 8 and 13).
+    """
     subset_key, dropout_key = jax.random.split(key)
     n_critics = jax.tree.leaves(critic.target_params)[0].shape[0]
     subset = target_subset(subset_key, n_critics, subset_size)
-    subset_params = jax.tree.map(lambda leaf: leaf[subset], critic.target_params)
-    return q_values(critic.target_apply_fn, subset_params, obs, actions, dropout_key).min(axis=0), subset
+    variables = {"params": critic.target_params, "batch_stats": critic.batch_stats}
+    subset_variables = jax.tree.map(lambda leaf: leaf[subset], variables)
+    return q_values(critic.target_apply_fn, subset_variables, obs, actions, dropout_key).min(axis=0), subset
 
 
 def td_target(agent: AgentState, batch: Transition, key: jax.Array, gamma: float, subset_size: int) -> jax.Array:
     """y = r + gamma * (1 - terminated) * (min over the target subset of Q'(s', a') - alpha * log pi(a'|s'))."""
     action_key, target_key = jax.random.split(key)
     alpha = jnp.exp(agent.log_alpha.params["log_alpha"])
-    next_mean, next_log_std = agent.actor.apply_fn(variables_of(agent.actor), batch.next_obs)
+    next_mean, next_log_std = agent.actor.apply_fn(variables_of(agent.actor), batch.next_obs, train=False)
     next_actions, next_logp = sample_tanh_gaussian(next_mean, next_log_std, action_key)
     # The target critics see (s', a') in a pass of their own, apart from the critics' (s, a) pass.
     next_q, _ = target_min_q(agent.critic, batch.next_obs, next_actions, target_key, subset_size)
@@ -535,19 +702,56 @@ def td_target(agent: AgentState, batch: Transition, key: jax.Array, gamma: float
 
 
 def critic_loss(params, agent: AgentState, batch: Transition, target: jax.Array, dropout_key: jax.Array):
-    """0.5 * sum_i mean_b (Q_i(s, a) - y)^2 against a precomputed target; returns (loss, mean Q)."""
-    q = q_values(agent.critic.apply_fn, params, batch.obs, batch.actions, dropout_key)  # (n_critics, B)
-    return 0.5 * ((q - target) ** 2).mean(axis=1).sum(), q.mean()
+    """0.5 * sum_i mean_b (Q_i(s, a) - y)^2 against a precomputed target (with target networks);
+    returns (loss, (new critic batch_stats, mean Q))."""
+    q, updates = agent.critic.apply_fn(
+        {"params": params, "batch_stats": agent.critic.batch_stats},
+        batch.obs,
+        batch.actions,
+        train=True,
+        use_running_average=False,
+        rngs={"dropout": dropout_key},
+        mutable=["batch_stats"],
+    )  # (n_critics, B)
+    return 0.5 * ((q - target) ** 2).mean(axis=1).sum(), (updates.get("batch_stats", {}), q.mean())
+
+
+def joint_critic_loss(params, agent: AgentState, batch: Transition, key: jax.Array, gamma: float, subset_size: int):
+    """Without target networks (`--no-target-network`, the paper's "-TN" arms): as CrossQ, (s, a) and
+    (s', a') go through the live critics in ONE train-mode pass, so normalisation layers see both
+    halves with the same batch statistics; the TD target is built from that pass's s' half under a
+    stop-gradient. Returns (loss, (new critic batch_stats, mean Q))."""
+    action_key, subset_key, dropout_key = jax.random.split(key, 3)
+    alpha = jnp.exp(agent.log_alpha.params["log_alpha"])
+    next_mean, next_log_std = agent.actor.apply_fn(variables_of(agent.actor), batch.next_obs, train=False)
+    next_actions, next_logp = sample_tanh_gaussian(next_mean, next_log_std, action_key)
+    q_all, updates = agent.critic.apply_fn(
+        {"params": params, "batch_stats": agent.critic.batch_stats},
+        jnp.concatenate([batch.obs, batch.next_obs]),
+        jnp.concatenate([batch.actions, next_actions]),
+        train=True,
+        use_running_average=False,
+        rngs={"dropout": dropout_key},
+        mutable=["batch_stats"],
+    )
+    q, next_q = jnp.split(q_all, 2, axis=1)  # each (n_critics, B)
+    next_q = next_q[target_subset(subset_key, q.shape[0], subset_size)].min(axis=0)
+    target = jax.lax.stop_gradient(batch.rewards + gamma * (1.0 - batch.terminations) * (next_q - alpha * next_logp))
+    return 0.5 * ((q - target) ** 2).mean(axis=1).sum(), (updates.get("batch_stats", {}), q.mean())
 
 
 def actor_loss(params, agent: AgentState, obs: jax.Array, key: jax.Array, q_reduce: str):
-    """SAC policy loss on the min (SAC) or mean (REDQ, DroQ) over the critics; returns (loss, log pi)."""
+    """SAC policy loss on the min (SAC) or mean (REDQ, DroQ) over the critics, actor in train mode;
+    returns (loss, (log pi, new actor batch_stats))."""
     sample_key, dropout_key = jax.random.split(key)
     alpha = jnp.exp(agent.log_alpha.params["log_alpha"])
-    actions, logp = sample_tanh_gaussian(*agent.actor.apply_fn({"params": params}, obs), sample_key)
-    q = q_values(agent.critic.apply_fn, agent.critic.params, obs, actions, dropout_key)
+    (mean, log_std), updates = agent.actor.apply_fn(
+        {"params": params, "batch_stats": agent.actor.batch_stats}, obs, train=True, mutable=["batch_stats"]
+    )
+    actions, logp = sample_tanh_gaussian(mean, log_std, sample_key)
+    q = q_values(agent.critic.apply_fn, variables_of(agent.critic), obs, actions, dropout_key)
     q_pi = q.mean(axis=0) if q_reduce == "mean" else q.min(axis=0)
-    return (alpha * logp - q_pi).mean(), logp
+    return (alpha * logp - q_pi).mean(), (logp, updates.get("batch_stats", {}))
 
 
 def alpha_loss(params: dict, logp: jax.Array, target_entropy: float) -> jax.Array:
@@ -555,7 +759,8 @@ def alpha_loss(params: dict, logp: jax.Array, target_entropy: float) -> jax.Arra
 
 
 def make_train_step(args: Args, action_dim: int):
-    """Build the jitted per-env-step function: `utd` critic updates, each followed by a Polyak update.
+    """Build the jitted per-env-step function: `utd` critic updates, each followed by a Polyak update
+    (none with `--no-target-network`).
 
     It only reads the replay buffer; a separate jitted `buffer_add` call stores the transition
     first. With the write inside this call, XLA:CPU fused it into the batch gathers and copied
@@ -565,10 +770,10 @@ def make_train_step(args: Args, action_dim: int):
     target_entropy = -float(action_dim)
 
     def update_actor_and_alpha(agent: AgentState, metrics: Metrics, obs: jax.Array, key: jax.Array):
-        (loss, logp), grads = jax.value_and_grad(actor_loss, has_aux=True)(
+        (loss, (logp, batch_stats)), grads = jax.value_and_grad(actor_loss, has_aux=True)(
             agent.actor.params, agent, obs, key, args.actor_q_reduce
         )
-        actor_state = agent.actor.apply_gradients(grads=grads)
+        actor_state = agent.actor.apply_gradients(grads=grads).replace(batch_stats=batch_stats)
         entropy_loss, alpha_grad = jax.value_and_grad(alpha_loss)(agent.log_alpha.params, logp, target_entropy)
         log_alpha = agent.log_alpha.apply_gradients(grads=alpha_grad)
         metrics = metrics._replace(
@@ -579,13 +784,18 @@ def make_train_step(args: Args, action_dim: int):
     def update(agent: AgentState, metrics: Metrics, buffer: ReplayBuffer, key: jax.Array):
         batch_key, target_key, dropout_key, actor_key = jax.random.split(key, 4)
         batch = buffer_sample(buffer, batch_key, args.batch_size)
-        target = td_target(agent, batch, target_key, args.gamma, args.target_subset_size)
-        (qf_loss, qf_values), grads = jax.value_and_grad(critic_loss, has_aux=True)(
-            agent.critic.params, agent, batch, target, dropout_key
-        )
-        critic = agent.critic.apply_gradients(grads=grads)
-        # The target critics trail the critics, one Polyak step after every critic update.
-        critic = critic.replace(target_params=polyak_update(critic.params, critic.target_params, args.tau))
+        if args.target_network:
+            target = td_target(agent, batch, target_key, args.gamma, args.target_subset_size)
+            (qf_loss, (batch_stats, qf_values)), grads = jax.value_and_grad(critic_loss, has_aux=True)(
+                agent.critic.params, agent, batch, target, dropout_key
+            )
+        else:
+            (qf_loss, (batch_stats, qf_values)), grads = jax.value_and_grad(joint_critic_loss, has_aux=True)(
+                agent.critic.params, agent, batch, target_key, args.gamma, args.target_subset_size
+            )
+        critic = agent.critic.apply_gradients(grads=grads).replace(batch_stats=batch_stats)
+        if args.target_network:  # the target critics trail the critics, one Polyak step per critic update
+            critic = critic.replace(target_params=polyak_update(critic.params, critic.target_params, args.tau))
         agent = agent._replace(critic=critic)
         metrics = metrics._replace(qf_loss=qf_loss, qf_values=qf_values)
         # The actor learns on the same batch after every `policy_delay`-th critic update.
@@ -621,20 +831,20 @@ def make_train_step(args: Args, action_dim: int):
 
 
 @jax.jit
-def explore(actor_state: TrainState, obs: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """An exploration action sampled from pi, and the next key."""
+def explore(actor_state: BNTrainState, obs: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """An exploration action sampled from pi (actor in eval mode), and the next key."""
     key, sample_key = jax.random.split(key)
-    mean, log_std = actor_state.apply_fn(variables_of(actor_state), obs)
+    mean, log_std = actor_state.apply_fn(variables_of(actor_state), obs, train=False)
     return sample_tanh_gaussian(mean, log_std, sample_key)[0], key
 
 
 @jax.jit
-def act(actor_state: TrainState, obs: jax.Array) -> jax.Array:
-    """The deterministic evaluation action tanh(mean)."""
-    return jnp.tanh(actor_state.apply_fn(variables_of(actor_state), obs)[0])
+def act(actor_state: BNTrainState, obs: jax.Array) -> jax.Array:
+    """The deterministic evaluation action tanh(mean), actor in eval mode."""
+    return jnp.tanh(actor_state.apply_fn(variables_of(actor_state), obs, train=False)[0])
 
 
-def evaluate(actor_state: TrainState, env: gym.Env, n_episodes: int) -> list[float]:
+def evaluate(actor_state: BNTrainState, env: gym.Env, n_episodes: int) -> list[float]:
     """Returns of `n_episodes` episodes of the deterministic policy."""
     returns = []
     for _ in range(n_episodes):
@@ -692,6 +902,7 @@ def write_checkpoint(path: str, device_state: dict, host_state: dict) -> None:
     """Write arrays and host state to `path` atomically: a kill at any moment, mid-write
     included, leaves the previous checkpoint in place (write a temporary file, then rename)."""
     arrays = flax.traverse_util.flatten_dict(flax.serialization.to_state_dict(jax.device_get(device_state)), sep="/")
+    arrays = {path: x for path, x in arrays.items() if x is not None}  # -TN's absent targets: nothing to store
     meta = np.frombuffer(json.dumps(host_state, default=np.ndarray.tolist).encode(), np.uint8)
     tmp_path = path + ".tmp"
     try:
@@ -729,7 +940,8 @@ def read_checkpoint(path: str, with_arrays: bool = True) -> tuple[dict, dict]:
 def restore(template: Any, arrays: dict) -> Any:
     """`template` (a pytree of the right structure) with its leaves taken from a checkpoint's arrays."""
     flat = flax.traverse_util.flatten_dict(flax.serialization.to_state_dict(template), sep="/", keep_empty_nodes=True)
-    missing = [path for path, leaf in flat.items() if leaf is not flax.traverse_util.empty_node and path not in arrays]
+    absent = lambda leaf: leaf is None or leaf is flax.traverse_util.empty_node  # (None: -TN has no targets)
+    missing = [path for path, leaf in flat.items() if not absent(leaf) and path not in arrays]
     if missing:
         raise ConfigError(f"the checkpoint lacks {missing[0]}")
     state = flax.traverse_util.unflatten_dict({path: arrays.get(path, leaf) for path, leaf in flat.items()}, sep="/")

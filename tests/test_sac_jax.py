@@ -259,7 +259,7 @@ ISSUE_FLAGS = [
     "--learning-rate",
     "--buffer-size",
     "--batch-size",
-    "--activation",
+    "--critic-activation",
     "--layer-norm",
     "--dropout-rate",
     "--critic-width",
@@ -284,7 +284,7 @@ ISSUE_FLAGS = [
     "--resume",
 ]
 
-TABLE_1 = ["gamma", "learning_rate", "buffer_size", "batch_size", "activation", "layer_norm", "dropout_rate"]
+TABLE_1 = ["gamma", "learning_rate", "buffer_size", "batch_size", "critic_activation", "layer_norm", "dropout_rate"]
 TABLE_1 += ["critic_width", "tau", "adam_b1", "utd", "policy_delay", "n_critics", "target_subset_size"]
 
 
@@ -402,7 +402,7 @@ def test_smoke_run_of_each_preset_on_mujoco(script_runner, preset):
         "target_critic": {"params": agent.critic.target_params},
     }
     saved = flax.serialization.from_bytes(template, (run_dir / f"{args.exp_name}.crossq_model").read_bytes())
-    assert not trees_equal(saved["critic"], saved["target_critic"])
+    assert not trees_equal(saved["critic"]["params"], saved["target_critic"]["params"])
     returns = sac.evaluate(agent.actor.replace(**saved["actor"]), env, n_episodes=1)
     assert np.isfinite(returns[0])
 
