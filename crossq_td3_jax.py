@@ -246,14 +246,15 @@ def check_env(env_id: str, render: bool = False) -> None:
     except gym.error.Error as e:  # unknown id, missing MuJoCo, bad version ...
         raise ConfigError(f"cannot make env {env_id!r}: {e}") from None
     except Exception as e:
-        if render or "MUJOCO_GL" in os.environ:  # MuJoCo without its OpenGL library: ImportError, AttributeError ...
+        dmc = env_id.startswith(DMC_PREFIX)  # import_dm_control sets MUJOCO_GL itself
+        if render or ("MUJOCO_GL" in os.environ and not dmc):  # MuJoCo without its OpenGL library
             raise ConfigError(
                 f"cannot render {env_id} with MUJOCO_GL={os.environ.get('MUJOCO_GL', '(unset)')} "
                 f"({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}); without a screen use "
                 "MUJOCO_GL=egl (Debian: apt-get install libegl1 libegl-mesa0 libgl1-mesa-dri) or MUJOCO_GL=osmesa "
                 "(apt-get install libosmesa6)"
             ) from None
-        if not env_id.startswith(DMC_PREFIX):
+        if not dmc:
             raise
         # dm_control built against another MuJoCo fails deep inside (e.g. a missing model field)
         raise ConfigError(

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from conftest import read_scalars, run_dirs
 
+import crossq_jax
 import crossq_td3_jax
 
-SCRIPTS = [crossq_td3_jax]  # crossq_jax and sac_jax join as they gain the feature
+SCRIPTS = [crossq_jax, crossq_td3_jax]  # sac_jax joins as it gains the feature
 needs_dmc = pytest.mark.skipif(
     importlib.util.find_spec("shimmy") is None or importlib.util.find_spec("dm_control") is None,
     reason="the DeepMind Control packages are not installed: pip install -r requirements-dmc.txt",
