@@ -9,6 +9,7 @@
 # SAC without target networks (`--no-target-network`, one joint pass as CrossQ), and the critic
 # activations of its Figures 8 and 16 (`--critic-activation`).
 # One self-contained file: networks, replay buffer, jitted update and training loop.
+import ctypes.util
 import dataclasses
 import json
 import os
@@ -56,7 +57,8 @@ class Args:
 
     # Algorithm specific arguments (defaults: the SAC column of the paper's Table 1)
     env_id: str = "Hopper-v4"
-    """the id of the environment (any gymnasium env with a continuous Box action space)"""
+    """the id of the environment (any gymnasium env with a continuous Box action space; DeepMind Control as
+    `dm_control/<domain>-<task>` with requirements-dmc.txt installed)"""
     total_timesteps: int = 1_000_000
     """total timesteps of the experiment (env steps)"""
     learning_starts: int = 5_000
@@ -111,6 +113,12 @@ class Args:
     """the number of episodes of each evaluation"""
     log_freq: int = 1_000
     """log losses every `log_freq` env steps and print a progress line"""
+    q_bias_freq: int = 0
+    """measure the critic's Q bias every `q_bias_freq` env steps (0: off; the paper's Figures 7 and 17)"""
+    q_bias_samples: int = 1_000
+    """the states (s, a) each Q-bias measurement compares the critic's Q with their Monte-Carlo return on"""
+    q_bias_cutoff: int = 350
+    """only the first `q_bias_cutoff` states of each Q-bias episode count (later ones have too little episode left)"""
     checkpoint_freq: int = 0
     """write a checkpoint to `runs/{run_name}/checkpoint.npz` every `checkpoint_freq` env steps (0: off;
     SIGTERM and Ctrl-C write one whatever this says)"""
@@ -163,6 +171,7 @@ SCRIPT_NAME = "sac_jax"  # stamped into checkpoints, so that another script's ar
 # Flags that may change when a run resumes; every other hyperparameter is the checkpoint's.
 RESUMABLE_FLAGS = {"total_timesteps", "checkpoint_freq", "log_freq", "save_model", "track", "resume"}
 RESUMABLE_FLAGS |= {"wandb_project_name", "wandb_entity", "capture_video"}
+RESUMABLE_FLAGS |= {"q_bias_freq", "q_bias_samples", "q_bias_cutoff"}  # measured beside training, never in it
 
 
 class ConfigError(ValueError):
@@ -172,11 +181,11 @@ class ConfigError(ValueError):
 def check_args(args: Args) -> None:
     """Reject hyperparameters that are nonsensical or out of the range their use needs, naming the flag."""
     positive = ["total_timesteps", "batch_size", "buffer_size", "critic_width", "actor_width"]
-    positive += ["utd", "policy_delay", "n_critics", "eval_episodes", "log_freq"]
+    positive += ["utd", "policy_delay", "n_critics", "eval_episodes", "log_freq", "q_bias_samples", "q_bias_cutoff"]
     for name in positive:
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
-    for name in ["learning_starts", "bn_warmup_steps", "eval_freq", "checkpoint_freq"]:
+    for name in ["learning_starts", "bn_warmup_steps", "eval_freq", "checkpoint_freq", "q_bias_freq"]:
         if getattr(args, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must not be negative (got {getattr(args, name)})")
     if not 0 <= args.seed <= SEED_MAX:
@@ -230,11 +239,38 @@ def check_args(args: Args) -> None:
         raise ConfigError(f"--buffer-size ({args.buffer_size}) must be at least --batch-size ({args.batch_size})")
 
 
+DMC_PREFIX = "dm_control/"  # DeepMind Control Suite ids, as shimmy registers them (Appendix A.1 of the paper)
+
+
+def import_dm_control() -> None:
+    """Register the `dm_control/<domain>-<task>` ids (importing shimmy does), or say what to install."""
+    # dm_control picks its OpenGL backend once, on import. Training renders nothing: without a
+    # display, take headless EGL where its library exists and no backend otherwise, rather than
+    # GLFW, which wants a display. A MUJOCO_GL set by the user wins.
+    if "MUJOCO_GL" not in os.environ and not os.environ.get("DISPLAY"):
+        os.environ["MUJOCO_GL"] = "egl" if ctypes.util.find_library("EGL") else "disable"
+    try:
+        import dm_control.suite  # noqa: F401
+        import shimmy  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(
+            f"DeepMind Control envs need shimmy and dm-control ({e}): pip install -r requirements-dmc.txt"
+        ) from None
+
+
 def gym_make(env_id: str, **kwargs) -> gym.Env:
+    if env_id.startswith(DMC_PREFIX):
+        import_dm_control()
     with warnings.catch_warnings():
         # The paper's results are on the v4 MuJoCo envs, which gymnasium 1.x calls out of date at every make.
         warnings.filterwarnings("ignore", message=".*is out of date", category=DeprecationWarning)
-        return gym.make(env_id, **kwargs)
+        env = gym.make(env_id, **kwargs)
+    if isinstance(env.observation_space, gym.spaces.Dict):
+        # DeepMind Control observes a dict of arrays; the networks take one vector: each entry
+        # flattened (a scalar gives one number), in the Dict space's key order, which gymnasium
+        # sorts alphabetically (as the authors' SB3 MultiInputPolicy concatenates them).
+        env = gym.wrappers.FlattenObservation(env)
+    return env
 
 
 def make_env(env_id: str, seed: int, capture_video: bool = False, run_name: str = "") -> Callable[[], gym.Env]:
@@ -262,6 +298,14 @@ def check_env(env_id: str) -> tuple[int, int]:
         env = gym_make(env_id)
     except gym.error.Error as e:  # unknown id, missing MuJoCo, bad version ...
         raise ConfigError(f"cannot make env {env_id!r}: {e}") from None
+    except Exception as e:
+        if not env_id.startswith(DMC_PREFIX):
+            raise
+        # dm_control built against another MuJoCo fails deep inside (e.g. a missing model field)
+        raise ConfigError(
+            f"cannot make env {env_id!r} ({type(e).__name__}: {e}); pip install -r requirements-dmc.txt "
+            "installs versions that work together"
+        ) from None
     action_space, observation_space = env.action_space, env.observation_space
     env.close()
     if not isinstance(action_space, gym.spaces.Box):
@@ -877,6 +921,104 @@ def evaluate(actor_state: BNTrainState, env: gym.Env, n_episodes: int) -> list[f
     return returns
 
 
+# ALGO LOGIC: Q-bias measurement (the paper's Figures 7 and 17), Chen et al.'s (REDQ) protocol as the
+# CrossQ authors ran it (`-eval_qbias 1`): episodes of the current policy (sampling, as it explores)
+# from fresh resets, at most 1000 steps each; the Monte-Carlo soft return from each of an episode's
+# first `cutoff` states (later states have too little episode left for it); the critics' mean
+# prediction for the same (s, a) against it; the bias normalised per state by |MC| floored at 10.
+Q_BIAS_MAX_EPISODE_STEPS = 1000
+Q_BIAS_MIN_NORMALISER = 10.0
+Q_BIAS_SEED_OFFSET = 20_000  # its env's seeds and key: apart from training's (seed) and evaluation's (seed + 10_000)
+
+
+def soft_returns(rewards: np.ndarray, logps: np.ndarray, alpha: float, gamma: float) -> np.ndarray:
+    """Soft Q of each step of one episode: G_t = r_t + gamma * (G_{t+1} - alpha * logp_{t+1}), G_{T-1} = r_{T-1}.
+    The entropy bonus starts at the next action, as in the critic's target r + gamma * (Q(s', a') -
+    alpha * log pi(a'|s')): Q(s, a) takes a as given. Chen et al.'s code does the same; the CrossQ
+    authors' JAX port of it counts the bonus of a_t itself and drops the last one."""
+    returns, following = np.zeros(len(rewards)), 0.0  # following: G_{t+1} - alpha * logp_{t+1}
+    for t in reversed(range(len(rewards))):
+        returns[t] = rewards[t] + gamma * following
+        following = returns[t] - alpha * logps[t]
+    return returns
+
+
+def q_bias(
+    env: gym.Env,
+    policy: Callable[[np.ndarray, jax.Array], tuple[np.ndarray, float]],
+    q_values: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    alpha: float,
+    gamma: float,
+    n_samples: int,
+    cutoff: int,
+    key: jax.Array,
+) -> dict[str, float]:
+    """Mean and std of the critic's normalised bias on the first `n_samples` states of episodes of
+    `policy` (obs, key -> action, log pi(action|obs))."""
+    states, actions, returns = [], [], []
+    while len(returns) < n_samples:
+        obs, _ = env.reset()
+        episode_states, episode_actions, rewards, logps = [], [], [], []
+        for _ in range(Q_BIAS_MAX_EPISODE_STEPS):
+            key, action_key = jax.random.split(key)
+            action, logp = policy(obs, action_key)
+            episode_states.append(obs)
+            episode_actions.append(action)
+            obs, reward, terminated, truncated, _ = env.step(action)
+            rewards.append(float(reward))
+            logps.append(logp)
+            if terminated or truncated:
+                break
+        states += episode_states[:cutoff]
+        actions += episode_actions[:cutoff]
+        returns += list(soft_returns(np.asarray(rewards), np.asarray(logps), alpha, gamma)[:cutoff])
+    states, actions = (np.asarray(x[:n_samples], np.float32) for x in (states, actions))
+    return q_bias_statistics(np.asarray(q_values(states, actions), np.float64), np.asarray(returns[:n_samples]))
+
+
+def q_bias_statistics(q: np.ndarray, mc: np.ndarray) -> dict[str, float]:
+    """The bias Q - MC over two normalisers: each state's max(|MC|, 10), as Chen et al.'s and the
+    CrossQ authors' code (the paper's figures), and max(|mean MC|, 10) over all states alike."""
+    bias = q - mc
+    per_state = bias / np.maximum(np.abs(mc), Q_BIAS_MIN_NORMALISER)
+    global_ = bias / max(abs(mc.mean()), Q_BIAS_MIN_NORMALISER)
+    return {
+        "q_bias_mean": float(per_state.mean()),
+        "q_bias_std": float(per_state.std()),
+        "q_bias_global_mean": float(global_.mean()),
+        "q_bias_global_std": float(global_.std()),
+        "q_value": float(q.mean()),
+        "mc_return": float(mc.mean()),
+    }
+
+
+@jax.jit
+def sample_action(actor_state: BNTrainState, obs: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """An action drawn from pi (actor in eval mode) and its log-probability."""
+    mean, log_std = actor_state.apply_fn(variables_of(actor_state), obs, train=False)
+    return sample_tanh_gaussian(mean, log_std, key)
+
+
+@jax.jit
+def critic_mean_q(critic_state: BNTrainState, obs: jax.Array, actions: jax.Array, dropout_key: jax.Array) -> jax.Array:
+    """The critics' mean prediction: Chen et al. and the CrossQ authors measure the bias of the
+    ensemble's mean (the TD target takes a min). Running statistics, and dropout (DroQ) active as in
+    every pass through the critics here, and as in the authors' `predict_critic`."""
+    return q_values(critic_state.apply_fn, variables_of(critic_state), obs, actions, dropout_key).mean(axis=0)
+
+
+def q_bias_critic(agent: AgentState, dropout_key: jax.Array) -> Callable[[np.ndarray, np.ndarray], jax.Array]:
+    return lambda obs, actions: critic_mean_q(agent.critic, obs, actions, dropout_key)
+
+
+def q_bias_policy(agent: AgentState) -> Callable[[np.ndarray, jax.Array], tuple[np.ndarray, float]]:
+    def policy(obs: np.ndarray, key: jax.Array) -> tuple[np.ndarray, float]:
+        action, logp = sample_action(agent.actor, obs[None].astype(np.float32), key)
+        return np.asarray(action)[0], float(logp[0])
+
+    return policy
+
+
 # CHECKPOINTING: everything a run needs to continue exactly where it stopped
 class Preempted(Exception):
     """SIGTERM or SIGINT arrived; a checkpoint has been written."""
@@ -886,12 +1028,18 @@ class Preempted(Exception):
         self.signum, self.checkpoint = signum, checkpoint
 
 
-def generator_state(generator: np.random.Generator) -> dict:
+# DeepMind Control envs (through shimmy) draw from a legacy np.random.RandomState, not a Generator.
+def generator_state(generator: np.random.Generator | np.random.RandomState) -> dict:
+    if isinstance(generator, np.random.RandomState):
+        return generator.get_state(legacy=False)
     return generator.bit_generator.state
 
 
-def set_generator_state(generator: np.random.Generator, state: dict) -> None:
-    generator.bit_generator.state = state
+def set_generator_state(generator: np.random.Generator | np.random.RandomState, state: dict) -> None:
+    if isinstance(generator, np.random.RandomState):
+        generator.set_state(state)
+    else:
+        generator.bit_generator.state = state
 
 
 def host_rngs(env: gym.Env, eval_env: gym.Env) -> dict:
@@ -1018,7 +1166,8 @@ def train(args: Args) -> dict:
         run_name, run_dir = saved["run_name"], os.path.dirname(os.path.abspath(checkpoint_file(args.resume)))
     else:
         saved_arrays, saved = None, None
-        run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        # "dm_control/reacher-easy" would nest a folder: the run's name takes "dm_control-reacher-easy"
+        run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
         run_dir = os.path.join("runs", run_name)
     check_memory(args, obs_dim, action_dim)
     if args.checkpoint_freq:
@@ -1041,6 +1190,7 @@ def train(args: Args) -> dict:
     env.reset(seed=args.seed)  # seeds the env's generator; each episode records its state at reset
     eval_env = make_env(args.env_id, args.seed + 10_000, args.capture_video, run_name)()
     eval_env.reset(seed=args.seed + 10_000)
+    q_bias_env = make_env(args.env_id, args.seed + Q_BIAS_SEED_OFFSET)() if args.q_bias_freq else None
 
     agent = create_agent(args, obs_dim, action_dim, agent_key)
     buffer = ReplayBuffer.create(args.buffer_size, obs_dim, action_dim)
@@ -1121,6 +1271,25 @@ def train(args: Args) -> dict:
         )
         return float(np.mean(returns))
 
+    def log_q_bias(step: int) -> None:
+        # Its own env, reseeded from the step, and its own key: training's env, keys and generators
+        # stay untouched, and a resumed run measures what an uninterrupted one does.
+        q_bias_env.reset(seed=args.seed + Q_BIAS_SEED_OFFSET + step)
+        key, dropout_key = jax.random.split(
+            jax.random.fold_in(jax.random.PRNGKey(args.seed + Q_BIAS_SEED_OFFSET), step)
+        )
+        alpha = float(jnp.exp(agent.log_alpha.params["log_alpha"]))
+        policy, critic = q_bias_policy(agent), q_bias_critic(agent, dropout_key)
+        stats = q_bias(q_bias_env, policy, critic, alpha, args.gamma, args.q_bias_samples, args.q_bias_cutoff, key)
+        for name, value in stats.items():
+            writer.add_scalar(f"eval/{name}", value, step)
+        print(
+            f"step={step} eval/q_bias_mean={stats['q_bias_mean']:.3f} eval/q_bias_std={stats['q_bias_std']:.3f} "
+            f"(over |mean MC|: {stats['q_bias_global_mean']:.3f} +- {stats['q_bias_global_std']:.3f}; "
+            f"Q {stats['q_value']:.2f} vs MC {stats['mc_return']:.2f} on {args.q_bias_samples} states)",
+            flush=True,
+        )
+
     def save(step: int, trained_seconds: float) -> str:
         check_finite(step)  # never replace a good checkpoint with a poisoned state
         host_state = {
@@ -1137,7 +1306,7 @@ def train(args: Args) -> dict:
         write_checkpoint(path, snapshot(), host_state)
         return path
 
-    # SPS counts training time only: evaluation and checkpointing are excluded.
+    # SPS counts training time only: evaluation, Q-bias measurement and checkpointing are excluded.
     clock_start, excluded_seconds = time.perf_counter() - train_seconds, 0.0
 
     def train_clock() -> float:
@@ -1206,6 +1375,8 @@ def train(args: Args) -> dict:
             if (args.eval_freq and global_step % args.eval_freq == 0) or global_step == args.total_timesteps:
                 check_finite(global_step)
                 eval_return = log_eval(global_step)
+            if args.q_bias_freq and global_step % args.q_bias_freq == 0:
+                log_q_bias(global_step)
             if args.checkpoint_freq and global_step % args.checkpoint_freq == 0:
                 save(global_step, trained_seconds)
             if preemption:
@@ -1216,6 +1387,8 @@ def train(args: Args) -> dict:
         writer.close()
         env.close()
         eval_env.close()
+        if q_bias_env is not None:
+            q_bias_env.close()
 
     if args.save_model:
         model_path = os.path.join(run_dir, f"{args.exp_name}.crossq_model")
