@@ -14,7 +14,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -25,6 +25,11 @@ import numpy as np
 import optax
 import tyro
 from flax.training.train_state import TrainState
+
+# The critics' activations: the eight of the paper's Figure 16 (as the authors' sbx/sac/utils.py
+# defines them, see CriticActivation), then gelu and silu.
+CRITIC_ACTIVATIONS = ("relu", "tanh", "elu", "glu", "relu6", "sin", "relu_over_max", "layernormed_relu", "gelu", "silu")
+TARGET_SCHEDULES = ("fujimoto", "authors")
 
 
 @dataclasses.dataclass
@@ -64,8 +69,8 @@ class Args:
     """the replay memory buffer size"""
     batch_size: int = 256
     """the batch size of sample from the replay memory (the joint pass sees twice as many rows)"""
-    activation: Literal["relu", "tanh", "elu", "gelu", "silu", "relu6", "sin"] = "relu"
-    """the activation function of the hidden layers"""
+    critic_activation: Annotated[str, tyro.conf.arg(metavar="{" + ",".join(CRITIC_ACTIVATIONS) + "}")] = "relu"
+    """the activation of the critics' hidden layers (the actor always uses relu); glu halves the width"""
     bn_mode: Literal["brn", "bn", "none"] = "brn"
     """normalisation layers: Batch Renormalization, plain BatchNorm, or none"""
     bn_momentum: float = 0.99
@@ -94,6 +99,10 @@ class Args:
     """std of the Gaussian noise added to each dimension of the action while collecting data"""
     tau: float | None = None
     """Polyak rate of target actor and critics; None: no target networks (CrossQ). The `td3` preset sets 0.005"""
+    target_schedule: Annotated[str, tyro.conf.arg(metavar="{" + ",".join(TARGET_SCHEDULES) + "}")] = "fujimoto"
+    """with --tau: fujimoto (target actor and critics, moved after each delayed actor update; Fujimoto et al.'s
+    TD3) or authors (target critics only, moved after every critic update, a' from the live actor: the
+    CrossQ authors' TD3 mode)"""
     eval_freq: int = 10_000
     """evaluate the deterministic policy every `eval_freq` env steps (0: only at the end)"""
     eval_episodes: int = 10
@@ -124,7 +133,8 @@ RESUMABLE_FLAGS |= {"q_bias_freq", "q_bias_samples", "q_bias_cutoff"}  # measure
 
 # Named starting points for the flags, picked by a word in front of them. `td3` is the TD3 baseline
 # of the paper's Figure 5: target actor and critics with tau 0.005, no normalisation, critic width
-# 256, Adam b1 0.9, policy delay 2 (smoothing and exploration noise as in CrossQ-TD3).
+# 256, Adam b1 0.9, policy delay 2 (smoothing and exploration noise as in CrossQ-TD3), and Fujimoto's
+# target schedule (`--target-schedule authors`: the CrossQ authors' TD3 mode; README says why).
 #   python crossq_td3_jax.py td3 --env-id Hopper-v4     (flags after the word override the preset)
 #   python crossq_td3_jax.py --env-id Hopper-v4         (no word: CrossQ-TD3, the defaults of Args)
 PRESETS: dict[str, dict[str, Any]] = {
@@ -157,6 +167,17 @@ def check_args(args: Args) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must not be negative (got {getattr(args, name)})")
     if args.tau is not None and not 0.0 < args.tau <= 1.0:
         raise ConfigError(f"--tau must lie in (0, 1] when set (got {args.tau})")
+    for name, choices in [("critic_activation", CRITIC_ACTIVATIONS), ("target_schedule", TARGET_SCHEDULES)]:
+        if getattr(args, name) not in choices:
+            flag = f"--{name.replace('_', '-')}"
+            raise ConfigError(f"{flag} must be one of {', '.join(choices)} (got {getattr(args, name)!r})")
+    if args.target_schedule == "authors" and args.tau is None:
+        raise ConfigError("--target-schedule authors needs target networks: give --tau (or use the td3 preset)")
+    if args.critic_activation == "glu" and args.critic_width % 2:
+        raise ConfigError(
+            f"--critic-activation glu halves each hidden layer's width: --critic-width must be even "
+            f"(got {args.critic_width})"
+        )
     if not 0.0 < args.bn_momentum < 1.0:
         raise ConfigError(f"--bn-momentum must lie in (0, 1) (got {args.bn_momentum})")
     if not 0.0 <= args.gamma <= 1.0:
@@ -392,15 +413,26 @@ class BatchRenorm(nn.Module):
 
 
 # ALGO LOGIC: networks
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "relu": nn.relu,
-    "tanh": nn.tanh,
-    "elu": nn.elu,
-    "gelu": nn.gelu,
-    "silu": nn.silu,
-    "relu6": nn.relu6,
-    "sin": jnp.sin,
-}
+class CriticActivation(nn.Module):
+    """The critics' activation (`--critic-activation`), each as the authors' sbx/sac/utils.py defines it.
+
+    glu is flax's: the first half of the features times the sigmoid of the second half, so the next
+    Dense sees half the width. relu_over_max divides relu(x) by (the max of relu(x) + 1e-6) over the
+    whole tensor, every row of the batch and every feature (the paper's text says "over the feature
+    vector"; the code takes one max). layernormed_relu is LayerNorm(relu(x)) with a learned scale and bias.
+    """
+
+    kind: str = "relu"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.kind == "layernormed_relu":
+            return nn.LayerNorm()(nn.relu(x))
+        if self.kind == "relu_over_max":
+            x = nn.relu(x)
+            return x / (x.max() + 1e-6)
+        elementwise = {"relu": nn.relu, "tanh": nn.tanh, "elu": nn.elu, "relu6": nn.relu6, "sin": jnp.sin}
+        return {**elementwise, "glu": nn.glu, "gelu": nn.gelu, "silu": nn.silu}[self.kind](x)
 
 
 class Normalization(nn.Module):
@@ -434,7 +466,7 @@ class Critic(nn.Module):
         norm = lambda: Normalization(self.bn_mode, self.bn_momentum, self.bn_warmup_steps)
         x = norm()(jnp.concatenate([obs, actions], axis=-1), train)
         for _ in range(2):
-            x = norm()(ACTIVATIONS[self.activation](nn.Dense(self.width)(x)), train)
+            x = norm()(CriticActivation(self.activation)(nn.Dense(self.width)(x)), train)
         return nn.Dense(1)(x).squeeze(-1)
 
 
@@ -464,11 +496,11 @@ class CriticEnsemble(nn.Module):
 
 
 class Actor(nn.Module):
-    """The deterministic policy pi(s): s -> norm -> [Dense -> act -> norm] x 2 -> Dense(|A|) -> tanh."""
+    """The deterministic policy pi(s): s -> norm -> [Dense -> relu -> norm] x 2 -> Dense(|A|) -> tanh.
+    relu whatever the critics use: the authors' activation flag changes the critics only."""
 
     action_dim: int
     width: int = 256
-    activation: str = "relu"
     bn_mode: str = "brn"
     bn_momentum: float = 0.99
     bn_warmup_steps: int = 100_000
@@ -478,7 +510,7 @@ class Actor(nn.Module):
         norm = lambda: Normalization(self.bn_mode, self.bn_momentum, self.bn_warmup_steps)
         x = norm()(obs, train)
         for _ in range(2):
-            x = norm()(ACTIVATIONS[self.activation](nn.Dense(self.width)(x)), train)
+            x = norm()(nn.relu(nn.Dense(self.width)(x)), train)
         return jnp.tanh(nn.Dense(self.action_dim)(x))
 
 
@@ -496,8 +528,9 @@ class BNTrainState(TrainState):
 
 
 class Targets(NamedTuple):
-    """TD3 baseline only (`--tau`): Polyak averages of the actor's and the critics' parameters. They
-    run with the live networks' running statistics (irrelevant for the baseline, which has none)."""
+    """TD3 baseline only (`--tau`): Polyak averages of the actor's (None with `--target-schedule
+    authors`: no target actor) and the critics' parameters. They run with the live networks' running
+    statistics (irrelevant for the baseline, which has none)."""
 
     actor: Any
     critic: Any
@@ -590,15 +623,16 @@ def create_agent(args: Args, obs_dim: int, action_dim: int, key: jax.Array) -> A
     """Fresh actor and critic ensemble (plus target copies with `--tau`); the modules ride along as `apply_fn`."""
     norm = {"bn_momentum": args.bn_momentum, "bn_warmup_steps": args.bn_warmup_steps}
     actor_bn_mode = args.bn_mode if args.actor_bn else "none"
-    actor = Actor(action_dim, args.actor_width, args.activation, actor_bn_mode, **norm)
-    critic = CriticEnsemble(args.n_critics, args.critic_width, args.activation, args.bn_mode, **norm)
+    actor = Actor(action_dim, args.actor_width, actor_bn_mode, **norm)
+    critic = CriticEnsemble(args.n_critics, args.critic_width, args.critic_activation, args.bn_mode, **norm)
     actor_key, critic_key = jax.random.split(key)
     obs, actions = jnp.zeros((1, obs_dim)), jnp.zeros((1, action_dim))
     actor_vars = actor.init(actor_key, obs, train=False)
     critic_vars = critic.init(critic_key, obs, actions, train=False)
     adam = optax.adam(args.learning_rate, b1=args.adam_b1)
     # TD3 baseline only: the targets start as copies (buffers of their own: the live ones get donated).
-    targets = None if args.tau is None else jax.tree.map(jnp.copy, Targets(actor_vars["params"], critic_vars["params"]))
+    target_actor = actor_vars["params"] if args.target_schedule == "fujimoto" else None
+    targets = None if args.tau is None else jax.tree.map(jnp.copy, Targets(target_actor, critic_vars["params"]))
     return AgentState(
         actor=BNTrainState.create(
             apply_fn=actor.apply, params=actor_vars["params"], batch_stats=actor_vars.get("batch_stats", {}), tx=adam
@@ -617,7 +651,9 @@ def variables_of(state: BNTrainState) -> dict:
 def critic_loss(params, agent: AgentState, batch: Transition, key: jax.Array, args: Args):
     """TD loss with target policy smoothing; returns (loss, (new critic batch_stats, mean Q))."""
     critic_vars = {"params": params, "batch_stats": agent.critic.batch_stats}
-    actor_params = agent.actor.params if agent.targets is None else agent.targets.actor  # TD3 baseline: target actor
+    # a' from the target actor (Fujimoto's TD3), else from the live actor (CrossQ; the authors' TD3 mode).
+    has_target_actor = agent.targets is not None and agent.targets.actor is not None
+    actor_params = agent.targets.actor if has_target_actor else agent.actor.params
     next_actions = agent.actor.apply_fn(
         {"params": actor_params, "batch_stats": agent.actor.batch_stats}, batch.next_obs, train=False
     )
@@ -659,8 +695,8 @@ def make_train_step(args: Args):
     def update_actor(agent: AgentState, metrics: Metrics, obs: jax.Array):
         (loss, batch_stats), grads = jax.value_and_grad(actor_loss, has_aux=True)(agent.actor.params, agent, obs)
         agent = agent._replace(actor=agent.actor.apply_gradients(grads=grads).replace(batch_stats=batch_stats))
-        if agent.targets is not None:  # TD3 BASELINE ONLY: Polyak averaging, on the actor's schedule
-            live = Targets(agent.actor.params, agent.critic.params)
+        if agent.targets is not None and args.target_schedule == "fujimoto":  # TD3 BASELINE: Polyak averaging,
+            live = Targets(agent.actor.params, agent.critic.params)  # on the actor's schedule (Fujimoto et al.)
             agent = agent._replace(targets=optax.incremental_update(live, agent.targets, args.tau))
         return agent, metrics._replace(actor_loss=loss)
 
@@ -671,6 +707,9 @@ def make_train_step(args: Args):
             agent.critic.params, agent, batch, critic_key, args
         )
         agent = agent._replace(critic=agent.critic.apply_gradients(grads=grads).replace(batch_stats=batch_stats))
+        if agent.targets is not None and args.target_schedule == "authors":  # the CrossQ authors' TD3 mode:
+            target_critic = optax.incremental_update(agent.critic.params, agent.targets.critic, args.tau)
+            agent = agent._replace(targets=agent.targets._replace(critic=target_critic))  # every critic update
         metrics = metrics._replace(qf_loss=qf_loss, qf_values=qf_values)
         # The actor learns on the same batch after every `policy_delay`-th critic update.
         return jax.lax.cond(

@@ -250,7 +250,7 @@ def test_cli_lists_every_flag(script_runner):
     result, _ = script_runner(SCRIPT, "--help", timeout=120)
     assert result.returncode == 0, result.stderr
     named_in_issue = [
-        "gamma", "learning-rate", "buffer-size", "batch-size", "activation", "bn-mode", "bn-momentum",
+        "gamma", "learning-rate", "buffer-size", "batch-size", "critic-activation", "bn-mode", "bn-momentum",
         "bn-warmup-steps", "critic-width", "adam-b1", "utd", "policy-delay", "n-critics", "policy-noise",
         "noise-clip", "exploration-noise", "tau", "env-id", "seed", "total-timesteps", "learning-starts",
         "eval-freq", "eval-episodes", "save-model", "track", "capture-video",
