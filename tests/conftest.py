@@ -1,5 +1,6 @@
 """Helpers shared by the tests of the three training scripts."""
 
+import importlib
 import os
 import subprocess
 import sys
@@ -10,6 +11,22 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = ["crossq_jax.py", "crossq_td3_jax.py", "sac_jax.py"]
+
+
+def module_of(script: str):
+    """The training script `script` as an imported module (`import crossq_jax` from the repo root)."""
+    return importlib.import_module(script[:-3])
+
+
+def train_in(folder: Path, module, args) -> dict:
+    """`module.train(args)` in-process, with `folder` as the working directory (where `runs/` lands)."""
+    previous = os.getcwd()
+    os.chdir(folder)
+    try:
+        return module.train(args)
+    finally:
+        os.chdir(previous)
 
 
 def run_script(script: str, *args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:

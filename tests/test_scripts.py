@@ -1,0 +1,278 @@
+"""What every training script must do alike, each test run against each script that it applies to:
+the env boundary (action rescaling, terminations vs truncations), the TD target, the tanh-Gaussian
+policy, the entropy coefficient, the optimisers, and the Batch Renormalization warm-up switch across a resume.
+
+Runs are in-process (`module.train(args)` in a temporary folder), to keep the suite fast.
+"""
+
+import dataclasses
+import inspect
+
+import flax
+import gymnasium as gym
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import SCRIPTS, module_of, read_scalars, run_dirs, train_in
+
+CROSSQ_SCRIPTS = ["crossq_jax.py", "crossq_td3_jax.py"]  # the two with Batch Renormalization
+SAC_BASED = ["crossq_jax.py", "sac_jax.py"]  # a tanh-Gaussian actor and a learned entropy coefficient
+OBS_DIM, ACTION_DIM = 3, 2
+
+
+def small_args(script: str, preset: str | None = None, **overrides):
+    """The script's Args for `preset`, through its own parser, with tiny networks and batches."""
+    module = module_of(script)
+    args = module.parse_args([preset] if preset else [])
+    small = {"critic_width": 16, "actor_width": 16, "batch_size": 8, "learning_starts": 8, "buffer_size": 64}
+    return dataclasses.replace(args, **{**small, **overrides})
+
+
+def make_train_step(module, args, action_dim: int = ACTION_DIM):
+    """The script's jitted per-env-step update (crossq_td3_jax's takes no action_dim)."""
+    wants_action_dim = "action_dim" in inspect.signature(module.make_train_step).parameters
+    return module.make_train_step(args, action_dim) if wants_action_dim else module.make_train_step(args)
+
+
+def filled_buffer(module, args, n: int = 16, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    buffer = module.ReplayBuffer.create(args.buffer_size, OBS_DIM, ACTION_DIM)
+    for _ in range(n):
+        transition = module.Transition(
+            jnp.asarray(rng.normal(size=OBS_DIM), jnp.float32),
+            jnp.asarray(rng.uniform(-1, 1, ACTION_DIM), jnp.float32),
+            jnp.float32(rng.normal()),
+            jnp.asarray(rng.normal(size=OBS_DIM), jnp.float32),
+            jnp.float32(0.0),
+        )
+        buffer = module.buffer_add(buffer, transition)
+    return buffer
+
+
+# ---------------------------------------------------------------------------------------------
+# The env boundary: action rescaling, terminations vs truncations
+# ---------------------------------------------------------------------------------------------
+
+
+class BoundsAndEndings(gym.Env):
+    """Humanoid-like bounds (+-0.4) on one action dimension and asymmetric ones ([0, 2]) on the other.
+    Even episodes terminate after 5 steps; odd ones run into the 8-step time limit (a truncation).
+    The observation is (t, episode parity, the action the env received)."""
+
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (4,), np.float32)
+    action_space = gym.spaces.Box(np.array([-0.4, 0.0], np.float32), np.array([0.4, 2.0], np.float32))
+
+    def __init__(self, render_mode=None):
+        self.t, self.episode = 0, -1
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t, self.episode = 0, self.episode + 1
+        return np.array([0.0, self.episode % 2, 0.0, 0.0], np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        obs = np.array([self.t, self.episode % 2, *action], np.float32)
+        return obs, 1.0, self.episode % 2 == 0 and self.t == 5, False, {}
+
+
+gym.register("BoundsAndEndings-v0", entry_point=BoundsAndEndings, max_episode_steps=8)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_actions_are_rescaled_to_the_env_bounds_and_only_terminations_stop_the_bootstrap(script, tmp_path):
+    """The buffer (read back from the run's checkpoint) holds the agent's [-1, 1] actions, the env
+    received them mapped linearly onto its [low, high], and a row is terminal exactly where the env
+    terminated: the time-limit truncations are stored as non-terminal, so the TD target bootstraps."""
+    module = module_of(script)
+    args = small_args(script, env_id="BoundsAndEndings-v0", total_timesteps=60, learning_starts=60)
+    args = dataclasses.replace(args, checkpoint_freq=60, eval_freq=0, eval_episodes=1, log_freq=60)
+    train_in(tmp_path, module, args)
+    arrays, _ = module.read_checkpoint(str(run_dirs(tmp_path)[0]))
+    actions, next_obs = arrays["buffer/actions"], arrays["buffer/next_obs"]
+    terminations = arrays["buffer/terminations"]
+    assert len(actions) == 60
+    assert np.abs(actions).max() <= 1.0 and np.abs(actions).max() > 0.9
+    low, high = np.array([-0.4, 0.0]), np.array([0.4, 2.0])
+    np.testing.assert_allclose(next_obs[:, 2:], low + (actions + 1) / 2 * (high - low), rtol=1e-5, atol=1e-6)
+    terminated = (next_obs[:, 0] == 5) & (next_obs[:, 1] == 0)
+    truncated = next_obs[:, 0] == 8
+    assert terminated.sum() >= 3 and truncated.sum() >= 3
+    np.testing.assert_array_equal(terminations, terminated.astype(np.float32))
+
+
+def td_loss(module, args, agent, batch, key):
+    """The critic loss of one batch, whatever the script's loss functions take."""
+    if hasattr(module, "td_target"):  # sac_jax: the target comes from the target critics, apart
+        target = module.td_target(agent, batch, key, args.gamma, args.target_subset_size)
+        return module.critic_loss(agent.critic.params, agent, batch, target, key)[0]
+    gamma_or_args = args if "args" in inspect.signature(module.critic_loss).parameters else args.gamma
+    return module.critic_loss(agent.critic.params, agent, batch, key, gamma_or_args)[0]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_terminal_cuts_the_bootstrap_and_a_truncation_does_not(script):
+    """Terminal rows: the loss is 0.5 * sum_i mean_b (Q_i(s, a) - r)^2, whatever s' is. Rows stored as
+    non-terminal (a time-limit truncation) bootstrap: another s' gives another loss. (No normalisation
+    layers here, so that Q(s, a) itself does not see s' through the joint pass's batch statistics.)"""
+    module = module_of(script)
+    args = small_args(script, **({"bn_mode": "none"} if script in CROSSQ_SCRIPTS else {}))
+    agent = module.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
+    batch = module.buffer_sample(filled_buffer(module, args), jax.random.PRNGKey(1), args.batch_size)
+    other_next_obs = batch.next_obs + 3.0
+    key = jax.random.PRNGKey(2)
+    q = np.asarray(agent.critic.apply_fn(module.variables_of(agent.critic), batch.obs, batch.actions, train=False))
+    closed_form = 0.5 * ((q - np.asarray(batch.rewards)) ** 2).mean(1).sum()
+
+    terminal = batch._replace(terminations=jnp.ones_like(batch.terminations))
+    for next_obs in (batch.next_obs, other_next_obs):
+        loss = float(td_loss(module, args, agent, terminal._replace(next_obs=next_obs), key))
+        assert loss == pytest.approx(closed_form, rel=1e-5)
+    truncated = batch._replace(terminations=jnp.zeros_like(batch.terminations))
+    losses = [
+        float(td_loss(module, args, agent, truncated._replace(next_obs=o), key))
+        for o in (batch.next_obs, other_next_obs)
+    ]
+    assert losses[0] != pytest.approx(closed_form, rel=1e-3)
+    assert losses[0] != pytest.approx(losses[1], rel=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# The policy, the entropy coefficient and the optimisers
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("script", SAC_BASED)
+def test_tanh_gaussian_log_probability_matches_the_change_of_variables(script):
+    """log pi(a) = log N(u; mean, std) - sum log(1 - tanh(u)^2) with u = atanh(a), in float64 numpy;
+    and exp(log pi) is a density on (-1, 1): its average over the samples in a bin matches the
+    histogram's height there (a wrong or missing Jacobian would not)."""
+    module = module_of(script)
+    mean = jnp.asarray([[0.3, -1.2, 0.0]] * 4, jnp.float32)
+    log_std = jnp.asarray([[np.log(0.8), np.log(0.3), np.log(1.5)]] * 4, jnp.float32)
+    actions, logp = module.sample_tanh_gaussian(mean, log_std, jax.random.PRNGKey(0))
+    a = np.asarray(actions, np.float64)
+    u = np.arctanh(a)
+    m, s = np.asarray(mean, np.float64), np.exp(np.asarray(log_std, np.float64))
+    gaussian = -0.5 * ((u - m) / s) ** 2 - np.log(s) - 0.5 * np.log(2 * np.pi)
+    expected = (gaussian - np.log(1 - np.tanh(u) ** 2)).sum(-1)
+    np.testing.assert_allclose(logp, expected, rtol=1e-4, atol=1e-4)
+
+    n = 200_000
+    samples, logp = module.sample_tanh_gaussian(
+        jnp.full((n, 1), 0.3), jnp.full((n, 1), np.log(0.8)), jax.random.PRNGKey(1)
+    )
+    samples, density = np.asarray(samples)[:, 0], np.exp(np.asarray(logp, np.float64))
+    edges = np.linspace(-0.9, 0.9, 19)
+    heights, _ = np.histogram(samples, edges)
+    heights = heights / (n * np.diff(edges))
+    bins = np.digitize(samples, edges) - 1
+    mean_density = np.array([density[bins == i].mean() for i in range(len(edges) - 1)])
+    np.testing.assert_allclose(mean_density, heights, rtol=0.05)
+
+
+@pytest.mark.parametrize("script", SAC_BASED)
+def test_alpha_loss_and_a_target_entropy_of_minus_the_action_dimension(script, monkeypatch):
+    """alpha_loss = -log_alpha * mean(log pi + target): its gradient pushes alpha up when the policy's
+    entropy (-mean log pi) is below the target and down when above; the update passes -|A| as target."""
+    module = module_of(script)
+    logp = jnp.asarray([1.0, -3.0, 0.5])  # mean -0.5: entropy 0.5
+    for target, direction in [(-1.0, +1), (2.0, -1)]:  # entropy above -1, below 2
+        value, grad = jax.value_and_grad(module.alpha_loss)({"log_alpha": jnp.float32(0.7)}, logp, target)
+        assert float(value) == pytest.approx(-0.7 * (-0.5 + target))
+        assert float(grad["log_alpha"]) == pytest.approx(-(-0.5 + target))
+        assert np.sign(-float(grad["log_alpha"])) == -direction  # gradient descent lowers log_alpha iff above
+
+    targets = []
+    real = module.alpha_loss
+    monkeypatch.setattr(module, "alpha_loss", lambda p, logp, target: targets.append(target) or real(p, logp, target))
+    args = small_args(script, policy_delay=1, utd=1)
+    action_dim = 3
+    buffer = module.ReplayBuffer.create(args.buffer_size, OBS_DIM, action_dim)
+    buffer = buffer._replace(size=jnp.int32(16))
+    agent = module.create_agent(args, OBS_DIM, action_dim, jax.random.PRNGKey(0))
+    agent, metrics = make_train_step(module, args, action_dim)(
+        agent, buffer, module.Metrics.initial(), jax.random.PRNGKey(1), 9
+    )
+    assert targets == [-3.0]
+    assert int(agent.log_alpha.step) == 1 and float(metrics.alpha) != 1.0
+
+
+def numpy_adam(params, grads_list, lr, b1, b2=0.999, eps=1e-8):
+    """Adam by hand (Kingma & Ba, Algorithm 1), float64."""
+    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    m = {k: np.zeros_like(v) for k, v in p.items()}
+    v = {k: np.zeros_like(x) for k, x in p.items()}
+    for t, grads in enumerate(grads_list, start=1):
+        for k, g in grads.items():
+            g = np.asarray(g, np.float64)
+            m[k] = b1 * m[k] + (1 - b1) * g
+            v[k] = b2 * v[k] + (1 - b2) * g**2
+            p[k] = p[k] - lr * (m[k] / (1 - b1**t)) / (np.sqrt(v[k] / (1 - b2**t)) + eps)
+    return p
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_learning_rate_and_adam_b1_reach_the_optimisers(script):
+    """Two steps of each network's optimiser against Adam by hand: actor and critic with --learning-rate
+    and --adam-b1 (b2 0.999), the entropy coefficient with --learning-rate and Adam's default b1 0.9.
+    (The first Adam step is lr * sign(g) whatever b1 is; the second one shows b1.)"""
+    module = module_of(script)
+    args = small_args(script, learning_rate=0.01, adam_b1=0.3)
+    agent = module.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+    states = {"actor": (agent.actor, 0.3), "critic": (agent.critic, 0.3)}
+    if hasattr(agent, "log_alpha"):
+        states["log_alpha"] = (agent.log_alpha, 0.9)
+    for name, (state, b1) in states.items():
+        flat = flax.traverse_util.flatten_dict(state.params, sep="/")
+        grads_list = [{k: rng.normal(size=np.shape(v)) for k, v in flat.items()} for _ in range(2)]
+        for grads in grads_list:
+            tree = flax.traverse_util.unflatten_dict(
+                {k: jnp.asarray(g, jnp.float32) for k, g in grads.items()}, sep="/"
+            )
+            state = state.apply_gradients(grads=tree)
+        expected = numpy_adam(flat, grads_list, lr=0.01, b1=b1)
+        got = flax.traverse_util.flatten_dict(state.params, sep="/")
+        for k in flat:
+            np.testing.assert_allclose(got[k], expected[k], rtol=1e-5, atol=1e-6, err_msg=f"{name} {k}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The Batch Renormalization warm-up switch inside a run, and across a resume
+# ---------------------------------------------------------------------------------------------
+
+
+def brn_counters(arrays: dict, network: str) -> set[int]:
+    """The train-call counters of a network's BRN layers in a checkpoint (one per ensemble member)."""
+    prefix = f"agent/{network}/batch_stats/"
+    return {
+        int(c) for path, v in arrays.items() if path.startswith(prefix) and path.endswith("/steps") for c in np.ravel(v)
+    }
+
+
+@pytest.mark.parametrize("script", CROSSQ_SCRIPTS)
+def test_a_resume_from_before_the_brn_switch_to_past_it_matches_the_uninterrupted_run(script, tmp_path):
+    """Warm-up of 60 train calls: the critic's layers switch to renormalising at env step 160, the
+    actor's (policy delay 3) at 280. A run stopped at 130, before both, and resumed to 390, past both,
+    logs exactly what the uninterrupted run does (the counters travel in the checkpoint). It stops at an
+    evaluation step: a run evaluates at its last step, and that draws from the evaluation env's generator."""
+    module = module_of(script)
+    args = small_args(script, env_id="Pendulum-v1", seed=4, learning_starts=100, bn_warmup_steps=60)
+    args = dataclasses.replace(args, batch_size=16, log_freq=10, eval_freq=130, eval_episodes=1)
+    reference, stopped = tmp_path / "reference", tmp_path / "stopped"
+    reference.mkdir(), stopped.mkdir()
+    train_in(reference, module, dataclasses.replace(args, total_timesteps=390))
+    train_in(stopped, module, dataclasses.replace(args, total_timesteps=130, checkpoint_freq=130))
+    (run_dir,) = run_dirs(stopped)
+    arrays, _ = module.read_checkpoint(str(run_dir))
+    assert brn_counters(arrays, "critic") == {30} and brn_counters(arrays, "actor") == {10}  # still warming up
+    train_in(stopped, module, module.parse_args(["--resume", str(run_dir), "--total-timesteps", "390"]))
+    arrays, host_state = module.read_checkpoint(str(run_dir))
+    assert host_state["global_step"] == 390
+    assert brn_counters(arrays, "critic") == {290} and brn_counters(arrays, "actor") == {96}  # renormalising
+    expected, got = read_scalars(run_dirs(reference)[0]), read_scalars(run_dir)
+    expected.pop("charts/SPS"), got.pop("charts/SPS")
+    assert [step for step, _ in got["eval/episodic_return"]] == [130, 260, 390]
+    assert got == expected
