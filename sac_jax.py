@@ -51,9 +51,13 @@ class Args:
     wandb_entity: str | None = None
     """the entity (team) of wandb's project"""
     capture_video: bool = False
-    """if toggled, record videos of the evaluation episodes to `videos/{run_name}` (needs `pip install moviepy`)"""
+    """if toggled, record the first episode of each evaluation to `videos/{run_name}` (needs requirements-extras.txt;
+    headless Linux: MUJOCO_GL=egl, the default there, with Debian's libegl1)"""
     save_model: bool = False
     """if toggled, save the actor, the critics and the target critics to `runs/{run_name}`"""
+    eval_model: str | None = None
+    """evaluate a saved model (a run directory, its `--save-model` file, or a checkpoint) for `--eval-episodes`
+    episodes and exit, without training; `--seed` and `--capture-video` apply, the rest comes from the saved run"""
 
     # Algorithm specific arguments (defaults: the SAC column of the paper's Table 1)
     env_id: str = "Hopper-v4"
@@ -273,13 +277,21 @@ def gym_make(env_id: str, **kwargs) -> gym.Env:
     return env
 
 
-def make_env(env_id: str, seed: int, capture_video: bool = False, run_name: str = "") -> Callable[[], gym.Env]:
-    """A thunk (CleanRL's convention) that builds the env with the agent's [-1, 1] action scale."""
+def make_env(
+    env_id: str,
+    seed: int,
+    capture_video: bool = False,
+    run_name: str = "",
+    record_episode: Callable[[int], bool] = lambda episode: episode > 0,
+) -> Callable[[], gym.Env]:
+    """A thunk (CleanRL's convention) that builds the env with the agent's [-1, 1] action scale. With
+    `capture_video`, the episodes `record_episode(i)` picks go to `videos/{run_name}` as MP4 files
+    (episode 0 is the `reset(seed=...)` that seeds the env, not a played episode)."""
 
     def thunk() -> gym.Env:
         if capture_video:
             env = gym_make(env_id, render_mode="rgb_array")
-            env = gym.wrappers.RecordVideo(env, f"videos/{run_name}", episode_trigger=lambda _: True)
+            env = gym.wrappers.RecordVideo(env, f"videos/{run_name}", episode_trigger=record_episode)
         else:
             env = gym_make(env_id)
         env = gym.wrappers.RecordEpisodeStatistics(env)
@@ -291,14 +303,26 @@ def make_env(env_id: str, seed: int, capture_video: bool = False, run_name: str 
     return thunk
 
 
-def check_env(env_id: str) -> tuple[int, int]:
+def check_env(env_id: str, render: bool = False) -> tuple[int, int]:
     """Fail fast on an env SAC cannot drive: unknown id, discrete actions, non-vector observations.
-    Returns the sizes of its observations and actions."""
+    Returns the sizes of its observations and actions. With `render` (--capture-video), render a frame
+    too: a machine that cannot record says so now."""
     try:
-        env = gym_make(env_id)
+        env = gym_make(env_id, render_mode="rgb_array" if render else None)
+        if render:
+            env.reset(seed=0)
+            if np.ndim(frame := env.render()) != 3:
+                raise RuntimeError(f"render() gave {type(frame).__name__}, not an RGB image")
     except gym.error.Error as e:  # unknown id, missing MuJoCo, bad version ...
         raise ConfigError(f"cannot make env {env_id!r}: {e}") from None
     except Exception as e:
+        if render or "MUJOCO_GL" in os.environ:  # MuJoCo without its OpenGL library: ImportError, AttributeError ...
+            raise ConfigError(
+                f"cannot render {env_id} with MUJOCO_GL={os.environ.get('MUJOCO_GL', '(unset)')} "
+                f"({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}); without a screen use "
+                "MUJOCO_GL=egl (Debian: apt-get install libegl1 libegl-mesa0 libgl1-mesa-dri) or MUJOCO_GL=osmesa "
+                "(apt-get install libosmesa6)"
+            ) from None
         if not env_id.startswith(DMC_PREFIX):
             raise
         # dm_control built against another MuJoCo fails deep inside (e.g. a missing model field)
@@ -320,14 +344,21 @@ def check_env(env_id: str) -> tuple[int, int]:
 
 
 def check_optional_dependencies(args: Args) -> None:
-    """Flags that need an extra package say so before anything is trained."""
+    """Flags that need an extra package say so before anything is trained. Call it before MuJoCo is
+    imported: --capture-video picks MuJoCo's renderer, which MuJoCo reads as it is imported."""
     needs = {"track": ("wandb", "wandb"), "capture_video": ("moviepy", "moviepy")}
     for flag, (module, package) in needs.items():
         if getattr(args, flag):
             try:
                 __import__(module)
             except ImportError:
-                raise ConfigError(f"--{flag.replace('_', '-')} needs {package}: pip install {package}") from None
+                raise ConfigError(
+                    f"--{flag.replace('_', '-')} needs {package}: pip install -r requirements-extras.txt"
+                ) from None
+    if args.capture_video and sys.platform.startswith("linux"):
+        if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+            # No screen: MuJoCo must render offscreen, and EGL (Mesa's, on the CPU too) works headless.
+            os.environ.setdefault("MUJOCO_GL", "egl")
 
 
 class SummaryWriter:
@@ -1155,11 +1186,125 @@ def catch_preemption() -> tuple[dict, Callable[[], None]]:
     return received, lambda: [signal.signal(sig, h) for sig, h in previous.items()]
 
 
+# AROUND TRAINING: the progress line's time left, evaluating a saved model
+def time_left(total_steps: int) -> Callable[[int, bool], str]:
+    """`eta(step, learning)`: the time left as H:MM:SS, at the wall-clock pace (evaluations and checkpoints
+    included) since the first progress line with learning on; `?` before it, since random actions run far faster."""
+    mark: list[tuple[int, float]] = []
+
+    def eta(step: int, learning: bool) -> str:
+        if step >= total_steps:
+            return "0:00:00"
+        if not learning:
+            return "?"
+        if not mark:
+            mark.append((step, time.perf_counter()))
+            return "?"
+        (start_step, start_time), now = mark[0], time.perf_counter()
+        seconds = round((now - start_time) / (step - start_step) * (total_steps - step))
+        return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+    return eta
+
+
+MODEL_SUFFIX = ".crossq_model"  # what --save-model writes: runs/{run_name}/{exp_name}.crossq_model
+EVAL_FLAGS = {"eval_model", "eval_episodes", "seed", "capture_video"}  # what applies to --eval-model
+
+
+def check_eval_flags(args: Args, defaults: Args) -> None:
+    """--eval-model uses the saved run's networks and env: a training flag beside it is a mistake, said so."""
+    for field in dataclasses.fields(Args):
+        if field.name not in EVAL_FLAGS and getattr(args, field.name) != getattr(defaults, field.name):
+            raise ConfigError(
+                f"--{field.name.replace('_', '-')} does not go with --eval-model: the saved run's hyperparameters "
+                "are used (only --eval-episodes, --seed and --capture-video apply)"
+            )
+
+
+def read_saved_model(path: str) -> tuple[Args, dict, str]:
+    """(the run's Args, its actor's variables, its run name) from a run directory, the file --save-model
+    wrote, or a checkpoint; a one-line error for anything else."""
+    if not os.path.exists(path):
+        raise ConfigError(f"--eval-model: no such file or directory: {path}")
+    if os.path.isdir(path):
+        try:
+            with open(os.path.join(path, ARGS_FILE)) as f:
+                exp_name = json.load(f)["exp_name"]
+        except (OSError, ValueError, KeyError):
+            exp_name = SCRIPT_NAME
+        model = os.path.join(path, exp_name + MODEL_SUFFIX)
+        if os.path.exists(model):
+            path = model
+        elif os.path.exists(os.path.join(path, CHECKPOINT_FILE)):
+            path = os.path.join(path, CHECKPOINT_FILE)
+        else:
+            raise ConfigError(f"{path} holds neither a model saved with --save-model nor a {CHECKPOINT_FILE}")
+    if path.endswith(MODEL_SUFFIX):
+        run_dir = os.path.dirname(os.path.abspath(path))
+        try:
+            with open(os.path.join(run_dir, ARGS_FILE)) as f:
+                saved_args = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{path} needs its run's {ARGS_FILE} beside it ({e})") from None
+        try:
+            with open(path, "rb") as f:
+                actor = flax.serialization.msgpack_restore(f.read())["actor"]
+        except Exception as e:  # a truncated or foreign file fails in many ways inside msgpack
+            raise ConfigError(f"{path} is not a readable model file ({type(e).__name__}: {e})") from None
+        run_name = os.path.basename(run_dir)
+    else:
+        arrays, host_state = read_checkpoint(path)
+        prefix = "agent/actor/"
+        actor = {name[len(prefix) :]: value for name, value in arrays.items() if name.startswith(prefix)}
+        # A network without normalisation has empty batch_stats, which the checkpoint's flat names drop.
+        actor = {"batch_stats": {}, **flax.traverse_util.unflatten_dict(actor, sep="/")}
+        saved_args, run_name = host_state["args"], host_state["run_name"]
+    known = {field.name for field in dataclasses.fields(Args)}
+    return Args(**{name: value for name, value in saved_args.items() if name in known}), actor, run_name
+
+
+def evaluate_model(args: Args) -> dict:
+    """--eval-model: `--eval-episodes` episodes of the saved deterministic policy; prints their mean and std."""
+    if args.eval_episodes <= 0:
+        raise ConfigError(f"--eval-episodes must be positive (got {args.eval_episodes})")
+    if not 0 <= args.seed <= SEED_MAX:
+        raise ConfigError(f"--seed must lie in [0, {SEED_MAX}], the seeds numpy accepts (got {args.seed})")
+    check_optional_dependencies(dataclasses.replace(args, track=False))  # first: it may pick MuJoCo's renderer
+    saved_args, saved_actor, run_name = read_saved_model(args.eval_model)
+    check_env(saved_args.env_id, render=args.capture_video)
+    # Seeded as the training run's evaluations are: a run evaluated only at its end gets the same returns.
+    eval_seed = args.seed + 10_000
+    env = make_env(saved_args.env_id, eval_seed, args.capture_video, f"{run_name}-eval")()
+    env.reset(seed=eval_seed)
+    agent = create_agent(saved_args, env.observation_space.shape[0], env.action_space.shape[0], jax.random.PRNGKey(0))
+    template = variables_of(agent.actor)
+    try:
+        actor = agent.actor.replace(**flax.serialization.from_state_dict(template, saved_actor))
+        shapes_match = jax.tree.map(lambda a, b: np.shape(a) == np.shape(b), template, variables_of(actor))
+    except (KeyError, ValueError, TypeError) as e:
+        raise ConfigError(f"{args.eval_model} does not hold an actor of its run's shape ({e})") from None
+    if not all(jax.tree.leaves(shapes_match)):
+        raise ConfigError(f"{args.eval_model} does not hold an actor of its run's shape")
+    try:
+        returns = evaluate(actor, env, args.eval_episodes)
+    finally:
+        env.close()  # writes the last video
+    print(
+        f"{run_name} on {saved_args.env_id}: eval/episodic_return={np.mean(returns):.1f} +- {np.std(returns):.1f} "
+        f"({len(returns)} episodes of the deterministic policy, seed {eval_seed})",
+        flush=True,
+    )
+    video_folder = os.path.join("videos", f"{run_name}-eval") if args.capture_video else None
+    if video_folder:
+        print(f"videos of the episodes in {video_folder}", flush=True)
+    return {"eval_return": float(np.mean(returns)), "returns": returns, "video_folder": video_folder}
+
+
 def train(args: Args) -> dict:
     """Run SAC (or REDQ, DroQ) as `args` says; returns the last evaluation's mean return and the run's name."""
     check_args(args)
-    obs_dim, action_dim = check_env(args.env_id)
-    check_optional_dependencies(args)
+    check_optional_dependencies(args)  # first: it may pick MuJoCo's renderer
+    obs_dim, action_dim = check_env(args.env_id, render=args.capture_video)
     if args.resume:
         saved_arrays, saved = read_checkpoint(args.resume)
         check_resume(args, saved)
@@ -1188,7 +1333,9 @@ def train(args: Args) -> dict:
 
     env = make_env(args.env_id, args.seed)()
     env.reset(seed=args.seed)  # seeds the env's generator; each episode records its state at reset
-    eval_env = make_env(args.env_id, args.seed + 10_000, args.capture_video, run_name)()
+    # One video per evaluation, of its first episode (episode 0 is the seeding reset below).
+    first_of_each_evaluation = lambda episode: episode > 0 and (episode - 1) % args.eval_episodes == 0
+    eval_env = make_env(args.env_id, args.seed + 10_000, args.capture_video, run_name, first_of_each_evaluation)()
     eval_env.reset(seed=args.seed + 10_000)
     q_bias_env = make_env(args.env_id, args.seed + Q_BIAS_SEED_OFFSET)() if args.q_bias_freq else None
 
@@ -1196,8 +1343,20 @@ def train(args: Args) -> dict:
     buffer = ReplayBuffer.create(args.buffer_size, obs_dim, action_dim)
     metrics = Metrics.initial()
 
+    if args.track:
+        import wandb
+
+        # Before the writer: wandb syncs TensorBoard by patching the event-file writer that it creates.
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            save_code=True,  # no monitor_gym: wandb's hook fails on gymnasium 1.x's RecordVideo
+        )
     writer = SummaryWriter(run_dir)
-    obs, episode_actions = np.zeros(obs_dim, np.float32), []
+    obs, episode_actions, episodic_return = np.zeros(obs_dim, np.float32), [], float("nan")
 
     def snapshot() -> dict:
         """The arrays of a checkpoint (host-side state goes beside them as JSON)."""
@@ -1234,17 +1393,6 @@ def train(args: Args) -> dict:
         # Tell TensorBoard to drop what the interrupted process logged after its checkpoint.
         writer.add_session_start(start_step + 1)
         print(f"resumed {run_name} at env step {start_step} from {checkpoint_file(args.resume)}", flush=True)
-    if args.track:
-        import wandb
-
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            sync_tensorboard=True,
-            config=vars(args),
-            name=run_name,
-            save_code=True,
-        )
     print(f"run {run_name}: logging to {run_dir}", flush=True)
 
     train_step = make_train_step(args, action_dim)
@@ -1312,6 +1460,7 @@ def train(args: Args) -> dict:
     def train_clock() -> float:
         return time.perf_counter() - clock_start - excluded_seconds
 
+    eta = time_left(args.total_timesteps)
     preemption, restore_signal_handlers = catch_preemption()
     try:
         # TRY NOT TO MODIFY: start the game
@@ -1346,7 +1495,8 @@ def train(args: Args) -> dict:
                 agent, metrics = train_step(agent, buffer, metrics, update_key, global_step)
 
             if terminated or truncated:
-                writer.add_scalar("charts/episodic_return", info["episode"]["r"], global_step)
+                episodic_return = float(info["episode"]["r"])
+                writer.add_scalar("charts/episodic_return", episodic_return, global_step)
                 writer.add_scalar("charts/episodic_length", info["episode"]["l"], global_step)
                 episode_start = generator_state(env.np_random)
                 obs, _ = env.reset()
@@ -1357,20 +1507,20 @@ def train(args: Args) -> dict:
             if global_step % args.log_freq == 0:
                 sps = int(global_step / train_clock())
                 writer.add_scalar("charts/SPS", sps, global_step)
+                progress = f"step={global_step} SPS={sps} episodic_return={episodic_return:.1f} "
+                progress += f"ETA={eta(global_step, learning)}"
                 if learning:
                     check_finite(global_step)
                     for name in ["qf_loss", "qf_values", "actor_loss", "alpha", "alpha_loss"]:
                         writer.add_scalar(f"losses/{name}", float(getattr(metrics, name)), global_step)
-                    print(
-                        f"step={global_step} SPS={sps} qf_loss={float(metrics.qf_loss):.3f} "
+                    progress += (
+                        f" qf_loss={float(metrics.qf_loss):.3f} "
                         f"qf_values={float(metrics.qf_values):.2f} actor_loss={float(metrics.actor_loss):.3f} "
-                        f"alpha={float(metrics.alpha):.4f}",
-                        flush=True,
+                        f"alpha={float(metrics.alpha):.4f}"
                     )
                 else:
-                    print(
-                        f"step={global_step} SPS={sps} (random actions until step {args.learning_starts})", flush=True
-                    )
+                    progress += f" (random actions until step {args.learning_starts})"
+                print(progress, flush=True)
             pause, trained_seconds = time.perf_counter(), train_clock()
             if (args.eval_freq and global_step % args.eval_freq == 0) or global_step == args.total_timesteps:
                 check_finite(global_step)
@@ -1386,12 +1536,15 @@ def train(args: Args) -> dict:
         restore_signal_handlers()
         writer.close()
         env.close()
-        eval_env.close()
+        eval_env.close()  # writes the last video
+        if args.track:
+            wandb.finish()
+            wandb.tensorboard.unpatch()  # a later writer in this process is not this run's
         if q_bias_env is not None:
             q_bias_env.close()
 
     if args.save_model:
-        model_path = os.path.join(run_dir, f"{args.exp_name}.crossq_model")
+        model_path = os.path.join(run_dir, args.exp_name + MODEL_SUFFIX)
         with open(model_path, "wb") as f:
             f.write(
                 flax.serialization.to_bytes(
@@ -1598,7 +1751,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Args:
         )
 
     args = cli(PRESETS[preset][1])
-    if args.resume:
+    if args.eval_model:
+        check_eval_flags(args, PRESETS[preset][1])
+    elif args.resume:
         _, saved = read_checkpoint(args.resume, with_arrays=False)
         defaults = dataclasses.replace(Args(**saved["args"]), resume=args.resume)
         # A preset word stands for its values, as on the command line that started the run.
@@ -1615,7 +1770,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Args:
 
 if __name__ == "__main__":
     try:
-        train(parse_args())
+        args = parse_args()
+        evaluate_model(args) if args.eval_model else train(args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
