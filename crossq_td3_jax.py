@@ -154,19 +154,25 @@ class ConfigError(ValueError):
 
 
 def check_args(args: Args) -> None:
-    """Reject nonsensical hyperparameters with a message that names the flag."""
+    """Reject hyperparameters that are nonsensical or out of the range their use needs, naming the flag."""
     positive = ["total_timesteps", "batch_size", "buffer_size", "critic_width", "actor_width"]
     positive += ["utd", "policy_delay", "n_critics", "eval_episodes", "log_freq", "q_bias_samples", "q_bias_cutoff"]
     for name in positive:
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
-    non_negative = ["learning_starts", "bn_warmup_steps", "eval_freq", "checkpoint_freq", "q_bias_freq"]
-    non_negative += ["policy_noise", "noise_clip", "exploration_noise"]
-    for name in non_negative:
+    for name in ["learning_starts", "bn_warmup_steps", "eval_freq", "checkpoint_freq", "q_bias_freq"]:
         if getattr(args, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must not be negative (got {getattr(args, name)})")
-    if args.tau is not None and not 0.0 < args.tau <= 1.0:
-        raise ConfigError(f"--tau must lie in (0, 1] when set (got {args.tau})")
+    if not 0 <= args.seed <= SEED_MAX:
+        raise ConfigError(f"--seed must lie in [0, {SEED_MAX}], the seeds numpy accepts (got {args.seed})")
+    # The networks compute in float32: each float flag is checked as the float32 it becomes.
+    for name in ["policy_noise", "noise_clip", "exploration_noise"]:
+        if float32(getattr(args, name)) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must not be negative (got {getattr(args, name)})")
+        if not np.isfinite(float32(getattr(args, name))):
+            raise ConfigError(f"--{name.replace('_', '-')} must be finite (got {with_float32(getattr(args, name))})")
+    if args.tau is not None and not 0.0 < float32(args.tau) <= 1.0:
+        raise ConfigError(f"--tau must lie in (0, 1] when set (got {with_float32(args.tau)})")
     for name, choices in [("critic_activation", CRITIC_ACTIVATIONS), ("target_schedule", TARGET_SCHEDULES)]:
         if getattr(args, name) not in choices:
             flag = f"--{name.replace('_', '-')}"
@@ -178,14 +184,27 @@ def check_args(args: Args) -> None:
             f"--critic-activation glu halves each hidden layer's width: --critic-width must be even "
             f"(got {args.critic_width})"
         )
-    if not 0.0 < args.bn_momentum < 1.0:
-        raise ConfigError(f"--bn-momentum must lie in (0, 1) (got {args.bn_momentum})")
-    if not 0.0 <= args.gamma <= 1.0:
-        raise ConfigError(f"--gamma must lie in [0, 1] (got {args.gamma})")
-    if not 0.0 <= args.adam_b1 < 1.0:
-        raise ConfigError(f"--adam-b1 must lie in [0, 1) (got {args.adam_b1})")
-    if not 0.0 < args.learning_rate < float("inf"):
-        raise ConfigError(f"--learning-rate must be positive and finite (got {args.learning_rate})")
+    if not 0.0 < float32(args.bn_momentum) < 1.0:
+        raise ConfigError(f"--bn-momentum must lie in (0, 1) (got {with_float32(args.bn_momentum)})")
+    if not 0.0 <= float32(args.gamma) <= 1.0:
+        raise ConfigError(f"--gamma must lie in [0, 1] (got {with_float32(args.gamma)})")
+    if not 0.0 <= float32(args.adam_b1) < 1.0:
+        raise ConfigError(f"--adam-b1 must lie in [0, 1) (got {with_float32(args.adam_b1)})")
+    if not 0.0 < float32(args.learning_rate) < float("inf"):
+        raise ConfigError(f"--learning-rate must be positive and finite (got {with_float32(args.learning_rate)})")
+    # Env steps and update counts reach the jitted update as int32 (the BRN and Adam step counters too).
+    for name in ["total_timesteps", "bn_warmup_steps", "policy_delay", "utd"]:
+        if getattr(args, name) > INT32_MAX:
+            raise ConfigError(
+                f"--{name.replace('_', '-')} must be at most {INT32_MAX}, an int32 on the device "
+                f"(got {getattr(args, name)})"
+            )
+    updates = args.utd * max(args.total_timesteps - args.learning_starts, 0)
+    if updates > INT32_MAX:
+        raise ConfigError(
+            f"--utd {args.utd} x (--total-timesteps {args.total_timesteps} - --learning-starts {args.learning_starts}) "
+            f"is {updates} critic updates; their counters are int32 (at most {INT32_MAX})"
+        )
     if args.learning_starts < args.batch_size:
         raise ConfigError(
             f"--learning-starts ({args.learning_starts}) must be at least --batch-size ({args.batch_size}): "
@@ -255,11 +274,12 @@ def make_env(
     return thunk
 
 
-def check_env(env_id: str, render: bool = False) -> None:
+def check_env(env_id: str, render: bool = False) -> tuple[int, int]:
     """Fail fast on an env CrossQ cannot drive: unknown id, discrete actions, non-vector observations.
     With `render` (--capture-video), render a frame too: a machine that cannot record says so now."""
     try:
-        env = gym_make(env_id, render_mode="rgb_array" if render else None)
+        # render_mode only when rendering: an env without one (the tests' envs) takes no such argument
+        env = gym_make(env_id, **({"render_mode": "rgb_array"} if render else {}))
         if render:
             env.reset(seed=0)
             if np.ndim(frame := env.render()) != 3:
@@ -292,6 +312,7 @@ def check_env(env_id: str, render: bool = False) -> None:
         raise ConfigError(f"{env_id} has an unbounded action space; CrossQ needs finite action bounds")
     if not isinstance(observation_space, gym.spaces.Box) or len(observation_space.shape) != 1:
         raise ConfigError(f"{env_id} needs flat vector observations (got {observation_space})")
+    return observation_space.shape[0], action_space.shape[0]
 
 
 def check_optional_dependencies(args: Args) -> None:
@@ -1062,6 +1083,8 @@ def evaluate_model(args: Args) -> dict:
     """--eval-model: `--eval-episodes` episodes of the saved deterministic policy; prints their mean and std."""
     if args.eval_episodes <= 0:
         raise ConfigError(f"--eval-episodes must be positive (got {args.eval_episodes})")
+    if not 0 <= args.seed <= SEED_MAX:
+        raise ConfigError(f"--seed must lie in [0, {SEED_MAX}], the seeds numpy accepts (got {args.seed})")
     check_optional_dependencies(dataclasses.replace(args, track=False))  # first: it may pick MuJoCo's renderer
     saved_args, saved_actor, run_name = read_saved_model(args.eval_model)
     check_env(saved_args.env_id, render=args.capture_video)
@@ -1097,7 +1120,7 @@ def train(args: Args) -> dict:
     """Run CrossQ-TD3 (or the TD3 baseline) as `args` says; returns the last eval's mean return and the run's name."""
     check_args(args)
     check_optional_dependencies(args)  # first: it may pick MuJoCo's renderer
-    check_env(args.env_id, render=args.capture_video)
+    obs_dim, action_dim = check_env(args.env_id, render=args.capture_video)
     if args.resume:
         saved_arrays, saved = read_checkpoint(args.resume)
         check_resume(args, saved)
@@ -1107,6 +1130,10 @@ def train(args: Args) -> dict:
         # "dm_control/reacher-easy" would nest a folder: the run's name takes "dm_control-reacher-easy"
         run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
         run_dir = os.path.join("runs", run_name)
+    check_memory(args, obs_dim, action_dim)
+    if args.checkpoint_freq:
+        check_disk(args, run_dir, obs_dim, action_dim)
+    # Every check has passed: only now does the run leave a trace.
     try:
         os.makedirs(run_dir, exist_ok=args.resume is not None)
         with open(os.path.join(run_dir, ARGS_FILE), "w") as f:
@@ -1127,19 +1154,10 @@ def train(args: Args) -> dict:
     eval_env = make_env(args.env_id, args.seed + 10_000, args.capture_video, run_name, first_of_each_evaluation)()
     eval_env.reset(seed=args.seed + 10_000)
     q_bias_env = make_env(args.env_id, args.seed + Q_BIAS_SEED_OFFSET)() if args.q_bias_freq else None
-    obs_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
 
     agent = create_agent(args, obs_dim, action_dim, agent_key)
     buffer = ReplayBuffer.create(args.buffer_size, obs_dim, action_dim)
     metrics = Metrics.initial()
-    if args.checkpoint_freq:
-        # A full checkpoint, twice: the previous one stays until the next is complete.
-        needed = 2 * sum(np.asarray(x).nbytes for x in jax.tree.leaves((agent, buffer)))
-        free = shutil.disk_usage(run_dir).free
-        if free < needed:
-            raise ConfigError(
-                f"{run_dir} has {free / 1e9:.1f} GB free; a checkpoint of this run needs {needed / 1e9:.1f} GB"
-            )
 
     if args.track:
         import wandb
@@ -1266,6 +1284,8 @@ def train(args: Args) -> dict:
                     agent.actor, obs[None].astype(np.float32), explore_key, args.exploration_noise
                 )
                 action = np.asarray(action)[0]
+                if not np.isfinite(action).all():
+                    raise FloatingPointError(policy_diverged(global_step, metrics))
             else:
                 action = env.action_space.sample()
 
@@ -1344,6 +1364,174 @@ def train(args: Args) -> dict:
             )
         print(f"model saved to {model_path}", flush=True)
     return {"eval_return": eval_return, "run_name": run_name}
+
+
+# RANGES AND MEMORY: what a run needs, worked out from its flags before anything is allocated or compiled
+INT32_MAX = 2**31 - 1  # env steps, update counters and buffer positions are int32 on the device
+SEED_MAX = 2**32 - 1  # np.random.seed's limit; gymnasium and JAX take more (the eval env gets seed + 10_000)
+FLOAT32_BYTES = 4
+
+
+def float32(value: float) -> float:
+    """`value` as the float32 it becomes on the device: 1e300 -> inf, 1e-50 -> 0.0."""
+    with np.errstate(over="ignore"):
+        return float(np.float32(value))
+
+
+def with_float32(value: float) -> str:
+    """`value` for a message, with its float32 where rounding made it a limit (1e300 -> inf)."""
+    rounded = float32(value)
+    limits = (0.0, 1.0, float("inf"), float("-inf"))
+    return f"{value}, {rounded} in float32" if rounded != value and rounded in limits else f"{value}"
+
+
+class MemoryPart(NamedTuple):
+    what: str  # "the replay buffer"
+    flags: str  # the flags that size it, as typed
+    device: int  # bytes where the arrays live (the GPU; the RAM on a CPU)
+    host: int  # bytes of its host copy in a checkpoint (SIGTERM writes one whatever --checkpoint-freq says)
+
+
+def mlp_sizes(n_in: int, width: int, features: int, n_out: int, normalised: bool, layer_norms: int) -> tuple[int, int]:
+    """(parameters, running statistics) of n_in -> norm -> [Dense(width) -> act -> norm] x 2 -> Dense(n_out),
+    where the activation leaves `features` of the `width` (glu: half) and has `layer_norms` LayerNorms
+    (layernormed_relu's) of `width`."""
+    dense = (n_in + 1) * width + (features + 1) * width + (features + 1) * n_out + 2 * 2 * layer_norms * width
+    normalised_features = n_in + 2 * features if normalised else 0  # the input's norm layer and one per hidden layer
+    stats = 2 * normalised_features + (3 if normalised else 0)  # mean and var; a step counter per norm layer
+    return dense + 2 * normalised_features, stats  # the norm layers' scale and bias are parameters
+
+
+def memory_estimate(args: Args, obs_dim: int, action_dim: int) -> list[MemoryPart]:
+    """The bytes of a run's large parts, from the flags alone (Python ints: no overflow at any size).
+
+    - The replay buffer: obs, actions, rewards, next_obs and terminations, float32, `buffer_size` rows.
+    - Each network: its parameters, their gradients and Adam's two moments (4 x the parameters), and
+      the running statistics; a checkpoint holds all but the gradients. The TD3 baseline's target
+      actor and critics (`--tau`): a copy of each network's parameters.
+    - One update: XLA keeps about 5 arrays of rows x width per hidden layer and critic for the backward
+      pass (4.3 measured with `jax.jit(train_step).lower(...).compile().memory_analysis()` on a CPU for
+      widths 256-2048 and batches 256-1024; 2.5 for the TD3 baseline) over 2 x batch rows (the joint
+      pass; the baseline's online and target passes). The actor's update
+      runs after the critic's and reuses those buffers, so the larger of the two counts. At UTD > 1 the
+      scan adds its keys and a copy of the critics' parameters in its carry.
+    - With --q-bias-freq: the critics' pass over --q-bias-samples states at once (eval mode, no gradients).
+    Not counted: the Python process, JAX and the compiler (a few hundred MiB), the envs.
+    """
+    n, width, actor_width, batch = args.n_critics, args.critic_width, args.actor_width, args.batch_size
+    features = width // 2 if args.critic_activation == "glu" else width
+    layer_norms = int(args.critic_activation == "layernormed_relu")
+    normalised = args.bn_mode != "none"
+    critic_params, critic_stats = mlp_sizes(obs_dim + action_dim, width, features, 1, normalised, layer_norms)
+    critic_params, critic_stats = n * critic_params, n * critic_stats
+    actor_normalised = normalised and args.actor_bn
+    actor_params, actor_stats = mlp_sizes(obs_dim, actor_width, actor_width, action_dim, actor_normalised, 0)
+    targets = 0 if args.tau is None else 1  # TD3 baseline: a target copy of each network's parameters
+    buffer = args.buffer_size * (2 * obs_dim + action_dim + 2)
+    critic_pass = 2 * batch * width * 2 * n  # rows x width x hidden layers x critics
+    actor_pass = batch * (width * 2 * n + actor_width * 2)  # the critics' pass on pi(s) included
+    update = 5 * max(critic_pass, actor_pass) + (critic_params if args.utd > 1 else 0)
+    q_bias = args.q_bias_samples * (2 * width * 2 * n + obs_dim + action_dim) if args.q_bias_freq else 0
+    bytes_ = FLOAT32_BYTES
+    return [
+        MemoryPart("the replay buffer", f"--buffer-size {args.buffer_size}", buffer * bytes_, buffer * bytes_),
+        MemoryPart(
+            "the critics and their optimizer state",
+            f"--critic-width {width} with --n-critics {n}",
+            ((4 + targets) * critic_params + critic_stats) * bytes_,
+            ((3 + targets) * critic_params + critic_stats) * bytes_,
+        ),
+        MemoryPart(
+            "the actor and its optimizer state",
+            f"--actor-width {actor_width}",
+            ((4 + targets) * actor_params + actor_stats) * bytes_,
+            ((3 + targets) * actor_params + actor_stats) * bytes_,
+        ),
+        MemoryPart("the activations of one update", f"--batch-size {batch}", update * bytes_ + 12 * args.utd, 0),
+        MemoryPart("a Q-bias measurement", f"--q-bias-samples {args.q_bias_samples}", q_bias * bytes_, 0),
+    ]
+
+
+def format_bytes(n: int) -> str:
+    """1536 -> '1.5 KiB'; sizes past EiB (widths no machine holds) as a power of ten."""
+    for power, unit in enumerate(["bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"]):
+        if n < 1024 ** (power + 1):
+            return f"{n / 1024**power:.1f} {unit}"
+    return f"10^{int((n.bit_length() - 1) * 0.30103)} bytes"
+
+
+def host_memory() -> tuple[int, int] | None:
+    """(total, available) bytes of RAM: /proc/meminfo, else sysconf; None where neither says."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        return info["MemTotal"], info["MemAvailable"]
+    except (OSError, KeyError, ValueError, IndexError):
+        pass
+    try:
+        page = os.sysconf("SC_PAGE_SIZE")
+        return os.sysconf("SC_PHYS_PAGES") * page, os.sysconf("SC_AVPHYS_PAGES") * page
+    except (OSError, ValueError):
+        return None
+
+
+def check_memory(args: Args, obs_dim: int, action_dim: int) -> None:
+    """Refuse a run that cannot fit where its arrays will live: the RAM on a CPU; on a GPU, the memory
+    JAX may use there (`bytes_limit`) and the RAM for a checkpoint's host copies. Nothing is allocated."""
+    parts = memory_estimate(args, obs_dim, action_dim)
+    device, ram = jax.devices()[0], host_memory()
+    ram_text = "" if ram is None else f"{format_bytes(ram[0])} of RAM (available {format_bytes(ram[1])})"
+    budgets = []  # (bytes available, where, [(part, bytes it needs there)])
+    if device.platform == "cpu":
+        if ram is not None:  # the arrays and the checkpoint's copies share the RAM
+            budgets.append((ram[1], f"this CPU has {ram_text}", [(p, p.device + p.host) for p in parts]))
+    else:
+        try:
+            limit = (device.memory_stats() or {}).get("bytes_limit")
+        except (NotImplementedError, RuntimeError):  # a backend that does not report its memory
+            limit = None
+        if limit:
+            budgets.append(
+                (limit, f"this {device.device_kind} has {format_bytes(limit)} for JAX", [(p, p.device) for p in parts])
+            )
+        if ram is not None:
+            budgets.append((ram[1], f"this machine has {ram_text} for a checkpoint", [(p, p.host) for p in parts]))
+    for available, where, needs in budgets:
+        total = sum(need for _, need in needs)
+        if total > available:
+            part, need = max(needs, key=lambda item: item[1])
+            raise ConfigError(
+                f"{part.flags} needs ~{format_bytes(need)} for {part.what} (~{format_bytes(total)} in all); {where}"
+            )
+    if args.buffer_size > INT32_MAX:  # after the memory: few machines hold 2**31 transitions
+        raise ConfigError(f"--buffer-size must be at most {INT32_MAX} (int32 positions) (got {args.buffer_size})")
+
+
+def existing_parent(path: str) -> str:
+    """`path`, or the nearest of its parents that exists (the run directory is made after the checks)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def check_disk(args: Args, run_dir: str, obs_dim: int, action_dim: int) -> None:
+    """With --checkpoint-freq, room for a full checkpoint twice: the previous one stays until the next is written."""
+    needed = 2 * sum(part.host for part in memory_estimate(args, obs_dim, action_dim))
+    free = shutil.disk_usage(existing_parent(run_dir)).free
+    if free < needed:
+        raise ConfigError(
+            f"{run_dir} has {free / 1e9:.1f} GB free; a checkpoint of this run needs {needed / 1e9:.1f} GB"
+        )
+
+
+def policy_diverged(step: int, metrics: Metrics) -> str:
+    """What a NaN/inf action from the policy means: the training diverged (an env NaN is the env's own message)."""
+    message = f"training diverged: the policy's action is NaN/inf at env step {step}"
+    if int(metrics.nonfinite_step) >= 0:
+        loss = LOSS_NAMES[int(metrics.nonfinite_loss)]
+        message += f" (losses/{loss} became NaN/inf at env step {int(metrics.nonfinite_step)})"
+    return message
 
 
 def parse_args(argv: list[str] | None = None) -> Args:

@@ -1,0 +1,197 @@
+"""Runs that cannot run are refused in one line, before anything is allocated or compiled (issue 13).
+
+Each script gets every input below on its command line and must exit with status 2, print exactly
+one line on stderr and leave no new file or folder behind. To keep this cheap, one Python process
+per script feeds it all the inputs in turn: HARNESS sets `sys.argv` and runs the file as `__main__`
+(what `python script.py ...` does), catching the exit status and the stderr of each input.
+A run that diverges is refused differently: exit 1, with a line that blames the training, not the env.
+"""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO, run_script
+
+SCRIPTS = ["crossq_jax.py", "crossq_td3_jax.py", "sac_jax.py"]
+
+# The rows of issue 13's table, then inputs found since, for every script: {id: command line}.
+REFUSED = {
+    # The table: an allocator traceback, an OOM kill, numpy's seed error, an inf learning rate.
+    "buffer-of-1e12": ["--buffer-size", "1000000000000"],
+    "critic-width-1e8": ["--env-id", "Hopper-v4", "--critic-width", "100000000"],
+    "seed-negative": ["--seed", "-1"],
+    "learning-rate-inf-in-float32": ["--learning-rate", "1e300"],
+    # numpy takes seeds up to 2**32 - 1.
+    "seed-2**32": ["--seed", "4294967296"],
+    # 0 in float32: Adam would never move the parameters.
+    "learning-rate-0-in-float32": ["--learning-rate", "1e-50"],
+    # 1 in float32: Adam's bias correction 1 - b1**t divides by zero.
+    "adam-b1-1-in-float32": ["--adam-b1", "0.99999999999"],
+    # The env step reaches the jitted update as an int32.
+    "total-timesteps-over-int32": ["--total-timesteps", "3000000000"],
+    # 3e9 critic updates: the update counters (int32) would wrap.
+    "updates-over-int32": ["--utd", "1000", "--total-timesteps", "3000000"],
+    # Compared with the int32 update counter inside the jitted update.
+    "policy-delay-over-int32": ["--policy-delay", "3000000000"],
+    # The activations of one update at a 2e8 batch (tens of TiB), not the buffer, are what cannot fit.
+    "batch-of-2e8": ["--batch-size", "200000000", "--buffer-size", "200000000", "--learning-starts", "200000000"],
+    # A billion critics.
+    "n-critics-1e9": ["--n-critics", "1000000000"],
+    # A width beyond int64: no shape can hold it.
+    "critic-width-over-int64": ["--critic-width", "99999999999999999999999"],
+}
+REFUSED_BY_SCRIPT = {
+    "crossq_jax.py": {
+        "bn-momentum-1-in-float32": ["--bn-momentum", "0.99999999999"],
+        "bn-warmup-over-int32": ["--bn-warmup-steps", "3000000000"],
+        # The critics evaluate all the Q-bias states in one pass.
+        "q-bias-samples-1e11": ["--q-bias-freq", "1000", "--q-bias-samples", "100000000000"],
+    },
+    "crossq_td3_jax.py": {
+        "bn-warmup-over-int32": ["--bn-warmup-steps", "3000000000"],
+        "exploration-noise-inf-in-float32": ["--exploration-noise", "1e39"],
+        "td3-tau-0-in-float32": ["td3", "--tau", "1e-50"],
+        "q-bias-samples-1e11": ["--q-bias-freq", "1000", "--q-bias-samples", "100000000000"],
+    },
+    "sac_jax.py": {
+        "tau-0-in-float32": ["--tau", "1e-50"],
+        "dropout-1-in-float32": ["droq", "--dropout-rate", "0.99999999999"],
+    },
+}
+CASES = [(script, name) for script in SCRIPTS for name in [*REFUSED, *REFUSED_BY_SCRIPT[script]]]
+
+HARNESS = r"""
+import contextlib, io, json, os, resource, runpy, signal, sys, traceback
+script, inputs = sys.argv[1], json.loads(sys.argv[2])
+# Should a refusal regress, the run would try to take terabytes or train for hours: let it fail
+# inside 8 GiB and 120 s instead of taking the memory and time of the machine the tests share.
+resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
+def not_refused(signum, frame):
+    raise TimeoutError("still running after 120 s: the run was not refused")
+signal.signal(signal.SIGALRM, not_refused)
+results = {}
+for name, argv in inputs.items():
+    before, stderr = set(os.listdir(".")), io.StringIO()
+    sys.argv = [script, *argv]
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            signal.alarm(120)
+            runpy.run_path(script, run_name="__main__")
+            status = 0
+        except SystemExit as e:
+            status = e.code
+        except BaseException:
+            traceback.print_exc()
+            status = "uncaught exception"
+        signal.alarm(0)
+    results[name] = {"status": status, "stderr": stderr.getvalue(), "new": sorted(set(os.listdir(".")) - before)}
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def refusals(tmp_path_factory):
+    """`refusals(script)`: {input id: its exit status, stderr and new files}, one process per script."""
+    results = {}
+
+    def of(script: str) -> dict:
+        if script not in results:
+            inputs = {**REFUSED, **REFUSED_BY_SCRIPT[script]}
+            process = subprocess.run(
+                [sys.executable, "-c", HARNESS, str(REPO / script), json.dumps(inputs)],
+                cwd=tmp_path_factory.mktemp("refusals"),
+                env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONWARNINGS": "ignore"},
+                capture_output=True,
+                text=True,
+                timeout=1200,
+            )
+            assert process.returncode == 0, process.stderr[-3000:]
+            results[script] = json.loads(process.stdout.splitlines()[-1])
+        return results[script]
+
+    return of
+
+
+@pytest.mark.parametrize("script,name", CASES, ids=[f"{script[:-3]}-{name}" for script, name in CASES])
+def test_a_run_that_cannot_run_is_refused_in_one_line_and_leaves_nothing(refusals, script, name):
+    result = refusals(script)[name]
+    lines = result["stderr"].splitlines()
+    assert result["status"] == 2, result["stderr"]
+    assert len(lines) == 1 and lines[0].startswith("error: --"), result["stderr"]  # it names the flag
+    assert result["new"] == []
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_memory_refusals_name_the_flag_and_the_figures(refusals, script):
+    results = refusals(script)
+    for name, flag in [("buffer-of-1e12", "--buffer-size"), ("critic-width-1e8", "--critic-width")]:
+        (line,) = results[name]["stderr"].splitlines()
+        assert line.startswith(f"error: {flag} ") and " needs ~" in line and "iB" in line, line
+        assert "this CPU has" in line and "of RAM (available" in line, line
+    (line,) = results["batch-of-2e8"]["stderr"].splitlines()
+    assert line.startswith("error: --batch-size 200000000 needs ~") and "TiB" in line, line
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_policy_that_diverges_is_blamed_not_the_env(script, tmp_path):
+    """A learning rate of 1e38 is finite in float32, and the first updates turn the actor's
+    parameters into inf/NaN: the next exploration action is NaN, which used to be reported as
+    the env returning a NaN observation."""
+    flags = [*["--env-id", "Pendulum-v1", "--learning-rate", "1e38", "--total-timesteps", "300"]]
+    flags += [*["--learning-starts", "32", "--batch-size", "32", "--critic-width", "32", "--actor-width", "32"]]
+    flags += [*["--eval-freq", "0", "--eval-episodes", "1", "--log-freq", "1000"]]
+    result = run_script(script, *flags, cwd=tmp_path, timeout=600)
+    lines = result.stderr.splitlines()
+    assert result.returncode == 1, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: training diverged"), result.stderr
+    assert "returned a NaN" not in lines[0]  # not the env's fault
+    step = int(lines[0].split("at env step ")[1].split()[0].rstrip(";:,)"))
+    assert 32 < step < 300
+
+
+VARIANTS = {
+    "crossq_jax.py": [{"n_critics": 5}, {"actor_bn": False, "bn_mode": "bn"}, {"bn_mode": "none"}],
+    # The TD3 baseline: target networks, no normalisation.
+    "crossq_td3_jax.py": [{"n_critics": 5}, {"tau": 0.005, "bn_mode": "none"}, {"critic_activation": "glu"}],
+    # REDQ's ensemble; DroQ's critics; BRN without target networks; glu (half the features).
+    "sac_jax.py": [
+        {"n_critics": 10},
+        {"layer_norm": True, "dropout_rate": 0.01},
+        {"bn_mode": "brn", "target_network": False},
+        {"critic_activation": "glu", "bn_mode": "bn", "actor_bn": False},
+        {"critic_activation": "layernormed_relu"},
+    ],
+}
+
+
+def nbytes(tree) -> int:
+    import jax
+
+    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_memory_estimate_matches_the_arrays_a_run_creates(script):
+    """The buffer and network parts of a script's estimate against the bytes of the arrays its
+    `ReplayBuffer.create` and `create_agent` really allocate (tiny sizes: nothing large is made)."""
+    import importlib
+
+    import jax
+
+    module = importlib.import_module(script[:-3])
+    for variant in VARIANTS[script]:
+        args = module.Args(actor_width=24, critic_width=40, batch_size=64, buffer_size=1000, **variant)
+        parts = module.memory_estimate(args, 3, 1)
+        buffer, networks = parts[0], parts[1:]
+        assert buffer.what == "the replay buffer"
+        # Their shapes, traced without running them (jax.eval_shape).
+        created_buffer = jax.eval_shape(functools.partial(module.ReplayBuffer.create, args.buffer_size, 3, 1))
+        agent = jax.eval_shape(functools.partial(module.create_agent, args, 3, 1), jax.random.PRNGKey(0))
+        # What a checkpoint holds: the buffer, the networks' parameters, Adam states, statistics, targets.
+        assert buffer.host == pytest.approx(nbytes(created_buffer), rel=0.01)
+        assert sum(part.host for part in networks) == pytest.approx(nbytes(agent), rel=0.02), variant
