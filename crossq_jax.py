@@ -13,7 +13,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -24,6 +24,11 @@ import numpy as np
 import optax
 import tyro
 from flax.training.train_state import TrainState
+
+# The critics' activations: the eight of the paper's Figure 16 (as the authors' sbx/sac/utils.py
+# defines them, see CriticActivation), then gelu and silu.
+CRITIC_ACTIVATIONS = ("relu", "tanh", "elu", "glu", "relu6", "sin", "relu_over_max", "layernormed_relu", "gelu", "silu")
+BN_MODES = ("brn", "bn", "none", "layernorm")
 
 
 @dataclasses.dataclass
@@ -63,10 +68,11 @@ class Args:
     """the replay memory buffer size"""
     batch_size: int = 256
     """the batch size of sample from the replay memory (the joint pass sees twice as many rows)"""
-    activation: Literal["relu", "tanh", "elu", "gelu", "silu", "relu6", "sin"] = "relu"
-    """the activation function of the hidden layers"""
-    bn_mode: Literal["brn", "bn", "none"] = "brn"
-    """normalisation layers: Batch Renormalization, plain BatchNorm, or none"""
+    critic_activation: Annotated[str, tyro.conf.arg(metavar="{" + ",".join(CRITIC_ACTIVATIONS) + "}")] = "relu"
+    """the activation of the critics' hidden layers (the actor always uses relu); glu halves the width"""
+    bn_mode: Annotated[str, tyro.conf.arg(metavar="{" + ",".join(BN_MODES) + "}")] = "brn"
+    """normalisation layers: Batch Renormalization, plain BatchNorm, none, or layernorm (the paper's LayerNorm
+    ablation: LayerNorm before each hidden activation of the critics, no normalisation in the actor)"""
     bn_momentum: float = 0.99
     """momentum of the running statistics of the normalisation layers"""
     bn_warmup_steps: int = 100_000
@@ -133,6 +139,15 @@ def check_args(args: Args) -> None:
     # The networks compute in float32: each float flag is checked as the float32 it becomes.
     if not 0.0 < float32(args.bn_momentum) < 1.0:
         raise ConfigError(f"--bn-momentum must lie in (0, 1) (got {with_float32(args.bn_momentum)})")
+    for name, choices in [("critic_activation", CRITIC_ACTIVATIONS), ("bn_mode", BN_MODES)]:
+        if getattr(args, name) not in choices:
+            flag = f"--{name.replace('_', '-')}"
+            raise ConfigError(f"{flag} must be one of {', '.join(choices)} (got {getattr(args, name)!r})")
+    if args.critic_activation == "glu" and args.critic_width % 2:
+        raise ConfigError(
+            f"--critic-activation glu halves each hidden layer's width: --critic-width must be even "
+            f"(got {args.critic_width})"
+        )
     if not 0.0 <= float32(args.gamma) <= 1.0:
         raise ConfigError(f"--gamma must lie in [0, 1] (got {with_float32(args.gamma)})")
     if not 0.0 <= float32(args.adam_b1) < 1.0:
@@ -382,19 +397,31 @@ class BatchRenorm(nn.Module):
 
 
 # ALGO LOGIC: networks
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "relu": nn.relu,
-    "tanh": nn.tanh,
-    "elu": nn.elu,
-    "gelu": nn.gelu,
-    "silu": nn.silu,
-    "relu6": nn.relu6,
-    "sin": jnp.sin,
-}
+class CriticActivation(nn.Module):
+    """The critics' activation (`--critic-activation`), each as the authors' sbx/sac/utils.py defines it.
+
+    glu is flax's: the first half of the features times the sigmoid of the second half, so the next
+    Dense sees half the width. relu_over_max divides relu(x) by (the max of relu(x) + 1e-6) over the
+    whole tensor, every row of the batch and every feature (the paper's text says "over the feature
+    vector"; the code takes one max). layernormed_relu is LayerNorm(relu(x)) with a learned scale and bias.
+    """
+
+    kind: str = "relu"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.kind == "layernormed_relu":
+            return nn.LayerNorm()(nn.relu(x))
+        if self.kind == "relu_over_max":
+            x = nn.relu(x)
+            return x / (x.max() + 1e-6)
+        elementwise = {"relu": nn.relu, "tanh": nn.tanh, "elu": nn.elu, "relu6": nn.relu6, "sin": jnp.sin}
+        return {**elementwise, "glu": nn.glu, "gelu": nn.gelu, "silu": nn.silu}[self.kind](x)
 
 
 class Normalization(nn.Module):
-    """The normalisation layer the `--bn-mode` flag selects: BRN, plain BN (BRN with r=1, d=0) or none."""
+    """The normalisation layer the `--bn-mode` flag selects: BRN, plain BN (BRN with r=1, d=0) or none
+    (also for `layernorm`, whose LayerNorm sits elsewhere: see Critic)."""
 
     mode: str = "brn"
     momentum: float = 0.99
@@ -402,7 +429,7 @@ class Normalization(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        if self.mode == "none":
+        if self.mode in ("none", "layernorm"):
             return x
         limits = {"brn": {"r_max": 3.0, "d_max": 5.0}, "bn": {"r_max": 1.0, "d_max": 0.0}}[self.mode]
         return BatchRenorm(
@@ -411,7 +438,11 @@ class Normalization(nn.Module):
 
 
 class Critic(nn.Module):
-    """Q(s, a): concat(s, a) -> norm -> [Dense -> act -> norm] x 2 -> Dense(1)."""
+    """Q(s, a): concat(s, a) -> norm -> [Dense -> act -> norm] x 2 -> Dense(1).
+
+    With `bn_mode` layernorm (the authors' `-bn 0 -ln 1` runs): concat(s, a) -> [Dense -> LayerNorm ->
+    act] x 2 -> Dense(1), each row normalised over its own features.
+    """
 
     width: int = 2048
     activation: str = "relu"
@@ -424,7 +455,10 @@ class Critic(nn.Module):
         norm = lambda: Normalization(self.bn_mode, self.bn_momentum, self.bn_warmup_steps)
         x = norm()(jnp.concatenate([obs, actions], axis=-1), train)
         for _ in range(2):
-            x = norm()(ACTIVATIONS[self.activation](nn.Dense(self.width)(x)), train)
+            x = nn.Dense(self.width)(x)
+            if self.bn_mode == "layernorm":
+                x = nn.LayerNorm()(x)
+            x = norm()(CriticActivation(self.activation)(x), train)
         return nn.Dense(1)(x).squeeze(-1)
 
 
@@ -457,11 +491,11 @@ LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
 
 
 class Actor(nn.Module):
-    """pi(a|s): s -> norm -> [Dense -> act -> norm] x 2 -> (mean, log_std) of a tanh-squashed Gaussian."""
+    """pi(a|s): s -> norm -> [Dense -> relu -> norm] x 2 -> (mean, log_std) of a tanh-squashed Gaussian.
+    relu whatever the critics use: the authors' activation flag changes the critics only."""
 
     action_dim: int
     width: int = 256
-    activation: str = "relu"
     bn_mode: str = "brn"
     bn_momentum: float = 0.99
     bn_warmup_steps: int = 100_000
@@ -471,7 +505,7 @@ class Actor(nn.Module):
         norm = lambda: Normalization(self.bn_mode, self.bn_momentum, self.bn_warmup_steps)
         x = norm()(obs, train)
         for _ in range(2):
-            x = norm()(ACTIVATIONS[self.activation](nn.Dense(self.width)(x)), train)
+            x = norm()(nn.relu(nn.Dense(self.width)(x)), train)
         mean = nn.Dense(self.action_dim)(x)
         log_std = jnp.clip(nn.Dense(self.action_dim)(x), LOG_STD_MIN, LOG_STD_MAX)
         return mean, log_std
@@ -582,9 +616,10 @@ def buffer_sample(buffer: ReplayBuffer, key: jax.Array, batch_size: int) -> Tran
 def create_agent(args: Args, obs_dim: int, action_dim: int, key: jax.Array) -> AgentState:
     """Fresh actor, critic ensemble and entropy coefficient; the modules ride along as `apply_fn`."""
     norm = {"bn_momentum": args.bn_momentum, "bn_warmup_steps": args.bn_warmup_steps}
-    actor_bn_mode = args.bn_mode if args.actor_bn else "none"
-    actor = Actor(action_dim, args.actor_width, args.activation, actor_bn_mode, **norm)
-    critic = CriticEnsemble(args.n_critics, args.critic_width, args.activation, args.bn_mode, **norm)
+    # The actor has no normalisation with --no-actor-bn, and in the LayerNorm ablation (as the authors' runs).
+    actor_bn_mode = args.bn_mode if args.actor_bn and args.bn_mode != "layernorm" else "none"
+    actor = Actor(action_dim, args.actor_width, actor_bn_mode, **norm)
+    critic = CriticEnsemble(args.n_critics, args.critic_width, args.critic_activation, args.bn_mode, **norm)
     actor_key, critic_key = jax.random.split(key)
     obs, actions = jnp.zeros((1, obs_dim)), jnp.zeros((1, action_dim))
     actor_vars = actor.init(actor_key, obs, train=False)
@@ -1377,7 +1412,7 @@ def memory_estimate(args: Args, obs_dim: int, action_dim: int) -> list[MemoryPar
     n, width, actor_width, batch = args.n_critics, args.critic_width, args.actor_width, args.batch_size
     critic_params, critic_stats = mlp_sizes(obs_dim + action_dim, width, 1, args.bn_mode != "none")
     critic_params, critic_stats = n * critic_params, n * critic_stats
-    actor_normalised = args.bn_mode != "none" and args.actor_bn
+    actor_normalised = args.bn_mode in ("bn", "brn") and args.actor_bn  # layernorm: a plain actor
     actor_params, actor_stats = mlp_sizes(obs_dim, actor_width, 2 * action_dim, actor_normalised)  # mean, log std
     actor_params += 1  # log alpha, with its own Adam
     buffer = args.buffer_size * (2 * obs_dim + action_dim + 2)

@@ -275,7 +275,7 @@ ISSUE_FLAGS = [
     "--learning-rate",
     "--buffer-size",
     "--batch-size",
-    "--activation",
+    "--critic-activation",
     "--bn-mode",
     "--bn-momentum",
     "--bn-warmup-steps",
