@@ -308,7 +308,8 @@ def check_env(env_id: str, render: bool = False) -> tuple[int, int]:
     Returns the sizes of its observations and actions. With `render` (--capture-video), render a frame
     too: a machine that cannot record says so now."""
     try:
-        env = gym_make(env_id, render_mode="rgb_array" if render else None)
+        # render_mode only when rendering: an env without one (the tests' envs) takes no such argument
+        env = gym_make(env_id, **({"render_mode": "rgb_array"} if render else {}))
         if render:
             env.reset(seed=0)
             if np.ndim(frame := env.render()) != 3:
