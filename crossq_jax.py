@@ -1068,7 +1068,8 @@ def read_saved_model(path: str) -> tuple[Args, dict, str]:
         arrays, host_state = read_checkpoint(path)
         prefix = "agent/actor/"
         actor = {name[len(prefix) :]: value for name, value in arrays.items() if name.startswith(prefix)}
-        actor = flax.traverse_util.unflatten_dict(actor, sep="/")
+        # A checkpoint's flat names drop an empty `batch_stats` (an actor without normalisation): put it back.
+        actor = {"batch_stats": {}, **flax.traverse_util.unflatten_dict(actor, sep="/")}
         saved_args, run_name = host_state["args"], host_state["run_name"]
     known = {field.name for field in dataclasses.fields(Args)}
     return Args(**{name: value for name, value in saved_args.items() if name in known}), actor, run_name
