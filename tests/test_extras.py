@@ -12,6 +12,7 @@ import math
 import os
 import re
 import runpy
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,10 @@ def run(request, tmp_path_factory):
         patch.setenv("WANDB_CONSOLE", "off")  # wandb leaves sys.stdout alone
         with contextlib.redirect_stdout(io.StringIO()) as stdout:
             result = module.train(module.parse_args(flags))
+    # The scripts leave W&B running (the process ends after training); here the next script's run
+    # shares the process, and wandb keeps its first settings (WANDB_DIR) until torn down.
+    sys.modules["wandb"].finish()
+    sys.modules["wandb"].teardown()
     (run_dir,) = (work_dir / "runs").iterdir()
     return {"module": module, "work_dir": work_dir, "run_dir": run_dir, "stdout": stdout.getvalue(), **result}
 
