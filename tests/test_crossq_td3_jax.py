@@ -2,9 +2,8 @@
 
 import dataclasses
 import json
-import re
+import math
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,15 +18,6 @@ TINY_RUN = [
     "--total-timesteps", "300", "--learning-starts", "256", "--batch-size", "32", "--critic-width", "32",
     "--buffer-size", "1000", "--eval-episodes", "1", "--log-freq", "100",
 ]  # fmt: skip
-LOGGED_TAGS = {
-    "charts/episodic_return",
-    "charts/episodic_length",
-    "charts/SPS",
-    "losses/qf_loss",
-    "losses/qf_values",
-    "losses/actor_loss",
-    "eval/episodic_return",
-}
 
 
 def tiny_args(**overrides) -> m.Args:
@@ -85,11 +75,19 @@ def noise_calls(monkeypatch):
 # Noise
 
 
+def clipped_normal_std(std: float, clip: float) -> float:
+    """The standard deviation of N(0, std) clipped to [-clip, clip] (0.1977 for 0.2 and 0.5): the
+    variance of the part inside, plus clip**2 times the mass piled up at the two clip values."""
+    k = clip / std
+    density, inside = math.exp(-(k**2) / 2) / math.sqrt(2 * math.pi), math.erf(k / math.sqrt(2))
+    return std * math.sqrt(inside - 2 * k * density + k**2 * (1 - inside))
+
+
 def test_target_smoothing_noise_is_clipped_and_per_dimension():
     noisy = np.asarray(m.add_noise(jnp.zeros((20_000, 4)), jax.random.PRNGKey(0), 0.2, 0.5))
     assert np.abs(noisy).max() == pytest.approx(0.5)  # the clip binds (|N(0, 0.2)| > 0.5 about 1% of the time)
     assert 0.005 < np.mean(np.abs(noisy) == 0.5) < 0.02
-    assert np.std(noisy, axis=0) == pytest.approx(0.19, abs=0.01)  # std of N(0, 0.2) clipped at 2.5 sigma
+    assert np.std(noisy, axis=0) == pytest.approx(clipped_normal_std(0.2, 0.5), abs=0.004)  # 4 standard errors
     # independent per dimension: the dimensions of a row are uncorrelated (one scalar per row would give 1)
     assert np.abs(np.corrcoef(noisy.T) - np.eye(4)).max() < 0.05
     # and the noisy action stays in [-1, 1]
@@ -246,22 +244,6 @@ def test_td3_targets_are_polyak_averaged_on_the_actor_schedule():
 # Command line
 
 
-def test_cli_lists_every_flag(script_runner):
-    result, _ = script_runner(SCRIPT, "--help", timeout=120)
-    assert result.returncode == 0, result.stderr
-    named_in_issue = [
-        "gamma", "learning-rate", "buffer-size", "batch-size", "critic-activation", "bn-mode", "bn-momentum",
-        "bn-warmup-steps", "critic-width", "adam-b1", "utd", "policy-delay", "n-critics", "policy-noise",
-        "noise-clip", "exploration-noise", "tau", "env-id", "seed", "total-timesteps", "learning-starts",
-        "eval-freq", "eval-episodes", "save-model", "track", "capture-video",
-    ]  # fmt: skip
-    flags = {f"--{field.name.replace('_', '-')}" for field in dataclasses.fields(m.Args)}
-    assert {f"--{name}" for name in named_in_issue} <= flags
-    for flag in flags:
-        assert re.search(re.escape(flag) + "[ ,]", result.stdout), flag  # `--seed INT`, `--track, --no-track`
-    assert "td3" in result.stdout  # the preset is documented in the help
-
-
 def test_td3_preset_and_overrides():
     assert m.parse_args([]) == m.Args()
     crossq = m.parse_args(["--env-id", "Walker2d-v4"])
@@ -295,80 +277,6 @@ def test_bad_hyperparameters_are_rejected(field, value, message):
 
 def test_good_edge_values_are_accepted():
     m.check_args(dataclasses.replace(m.Args(), tau=1.0, policy_noise=0.0, noise_clip=0.0, exploration_noise=0.0))
-
-
-@pytest.mark.parametrize(
-    ("flags", "message"),
-    [
-        (["td3", "--tau", "2"], "error: --tau must lie in (0, 1] when set (got 2.0)"),
-        (["--exploration-noise", "-0.1"], "error: --exploration-noise must not be negative (got -0.1)"),
-        (["--env-id", "CartPole-v1"], "error: CartPole-v1 has a Discrete action space; CrossQ needs a continuous"),
-    ],
-)
-def test_bad_input_exits_with_one_line_before_any_compute(script_runner, flags, message):
-    result, cwd = script_runner(SCRIPT, *flags, timeout=120)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
-    assert result.stderr.startswith(message), result.stderr
-    assert run_dirs(cwd) == []
-
-
-# Runs
-
-
-def test_smoke_crossq_td3_on_mujoco(script_runner):
-    result, cwd = script_runner(SCRIPT, "--env-id", "Hopper-v4", *TINY_RUN, "--save-model")
-    assert result.returncode == 0, result.stderr
-    (run_dir,) = run_dirs(cwd)
-    assert "__crossq_td3_jax__1__" in run_dir.name
-    scalars = read_scalars(run_dir)
-    assert set(scalars) == LOGGED_TAGS
-    assert [step for step, _ in scalars["losses/qf_loss"]] == [300]
-    assert all(np.isfinite(value) for values in scalars.values() for _, value in values)
-    args = json.loads((run_dir / "args.json").read_text())
-    assert args["tau"] is None and args["bn_mode"] == "brn" and args["critic_width"] == 32
-    saved = flax.serialization.msgpack_restore((run_dir / "crossq_td3_jax.crossq_model").read_bytes())
-    assert set(saved) == {"actor", "critic"}
-    assert saved["critic"]["params"]["VmapCritic_0"]["Dense_0"]["kernel"].shape[-1] == 32
-    assert saved["critic"]["batch_stats"]["VmapCritic_0"]["Normalization_0"]["BatchRenorm_0"]["steps"][0] == 44
-
-
-def test_smoke_td3_baseline_on_mujoco(script_runner):
-    result, cwd = script_runner(SCRIPT, "td3", "--env-id", "Hopper-v4", *TINY_RUN)
-    assert result.returncode == 0, result.stderr
-    (run_dir,) = run_dirs(cwd)
-    assert "__td3_baseline__1__" in run_dir.name
-    assert set(read_scalars(run_dir)) == LOGGED_TAGS
-    args = json.loads((run_dir / "args.json").read_text())
-    assert (args["tau"], args["bn_mode"], args["adam_b1"], args["policy_delay"]) == (0.005, "none", 0.9, 2)
-    assert args["critic_width"] == 32  # the flag after the preset word wins
-
-
-def test_same_seed_gives_identical_runs(finished_run):
-    flags = ["--env-id", "Pendulum-v1", "--seed", "7", *TINY_RUN, "--total-timesteps", "400", "--eval-freq", "0"]
-    logs = [finished_run(SCRIPT, *flags) for _ in range(2)]
-    assert len(logs[0]["losses/qf_loss"]) == 2
-    for tag in ["charts/episodic_return", "losses/qf_loss", "losses/actor_loss", "eval/episodic_return"]:
-        assert logs[0][tag] == logs[1][tag], tag
-
-
-def test_an_env_that_returns_nan_stops_the_run_at_that_step(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    args = tiny_args(env_id="NaNRewardAfter300-v0", total_timesteps=2000, learning_starts=100, eval_freq=0)
-    with pytest.raises(FloatingPointError, match=r"returned a NaN/inf observation or reward at env step 300$"):
-        m.train(args)
-
-
-@pytest.mark.parametrize("preset", [{}, m.PRESETS["td3"]])
-def test_divergence_stops_training_and_names_the_loss_and_step(tmp_path, monkeypatch, preset):
-    """Rewards of 1e30 are finite, but the squared TD error overflows: the loss becomes inf."""
-    monkeypatch.chdir(tmp_path)
-    args = tiny_args(**preset, env_id="HugeRewardAfter300-v0", total_timesteps=2000, learning_starts=100)
-    args = dataclasses.replace(args, critic_width=16, log_freq=50, eval_freq=0, eval_episodes=1)
-    with pytest.raises(FloatingPointError, match=r"losses/qf_loss became NaN/inf at env step (\d+)") as error:
-        m.train(args)
-    step = int(re.search(r"env step (\d+)", str(error.value)).group(1))
-    assert 300 <= step <= 400  # the huge reward enters the buffer at step 300 and is sampled soon after
 
 
 # Checkpoints and the td3 preset
@@ -430,15 +338,3 @@ def test_a_td3_run_resumes_as_td3_with_its_target_networks(tmp_path):
     expected.pop("charts/SPS"), got.pop("charts/SPS")
     assert [step for step, _ in got["losses/qf_loss"]] == list(range(300, 501, 50))
     assert got == expected
-
-
-@pytest.mark.slow
-def test_crossq_td3_learns_pendulum(finished_run):
-    evals = finished_run(
-        SCRIPT,
-        *("--env-id", "Pendulum-v1", "--seed", "1", "--total-timesteps", "6000"),
-        *("--critic-width", "256", "--learning-starts", "1000", "--eval-freq", "2000", "--eval-episodes", "5"),
-    )["eval/episodic_return"]
-    assert [step for step, _ in evals] == [2000, 4000, 6000]
-    assert evals[0][1] < -700  # it starts out bad ...
-    assert evals[-1][1] >= -250, evals  # ... and learns to swing up within 6000 env steps

@@ -63,6 +63,11 @@ REFUSED_BY_SCRIPT = {
         "dropout-1-in-float32": ["droq", "--dropout-rate", "0.99999999999"],
     },
 }
+# Envs a script cannot drive: refused in one line that names the env, not a flag.
+REFUSED_ENVS = {
+    "env-discrete-actions": (["--env-id", "CartPole-v1"], "has a Discrete action space"),
+    "env-unknown": (["--env-id", "NoSuchEnv-v0"], "cannot make env 'NoSuchEnv-v0'"),
+}
 CASES = [(script, name) for script in SCRIPTS for name in [*REFUSED, *REFUSED_BY_SCRIPT[script]]]
 
 HARNESS = r"""
@@ -101,7 +106,11 @@ def refusals(tmp_path_factory):
 
     def of(script: str) -> dict:
         if script not in results:
-            inputs = {**REFUSED, **REFUSED_BY_SCRIPT[script]}
+            inputs = {
+                **REFUSED,
+                **REFUSED_BY_SCRIPT[script],
+                **{name: argv for name, (argv, _) in REFUSED_ENVS.items()},
+            }
             process = subprocess.run(
                 [sys.executable, "-c", HARNESS, str(REPO / script), json.dumps(inputs)],
                 cwd=tmp_path_factory.mktemp("refusals"),
@@ -123,6 +132,16 @@ def test_a_run_that_cannot_run_is_refused_in_one_line_and_leaves_nothing(refusal
     lines = result["stderr"].splitlines()
     assert result["status"] == 2, result["stderr"]
     assert len(lines) == 1 and lines[0].startswith("error: --"), result["stderr"]  # it names the flag
+    assert result["new"] == []
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("name", REFUSED_ENVS)
+def test_an_env_that_cannot_be_driven_is_refused_in_one_line_and_leaves_nothing(refusals, script, name):
+    result = refusals(script)[name]
+    assert result["status"] == 2, result["stderr"]
+    (line,) = result["stderr"].splitlines()
+    assert line.startswith("error: ") and REFUSED_ENVS[name][1] in line, line
     assert result["new"] == []
 
 

@@ -7,6 +7,8 @@ Runs are in-process (`module.train(args)` in a temporary folder), to keep the su
 
 import dataclasses
 import inspect
+import json
+import re
 
 import flax
 import gymnasium as gym
@@ -276,3 +278,137 @@ def test_a_resume_from_before_the_brn_switch_to_past_it_matches_the_uninterrupte
     expected.pop("charts/SPS"), got.pop("charts/SPS")
     assert [step for step, _ in got["eval/episodic_return"]] == [130, 260, 390]
     assert got == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line and whole runs, for each script and each of its presets
+# ---------------------------------------------------------------------------------------------
+
+# (script, preset word or None): every system the three scripts run.
+SYSTEMS = [
+    ("crossq_jax.py", None),
+    ("crossq_td3_jax.py", None),
+    ("crossq_td3_jax.py", "td3"),
+    ("sac_jax.py", None),
+    ("sac_jax.py", "redq"),
+    ("sac_jax.py", "droq"),
+]
+PRESET_WORDS = {"crossq_jax.py": [], "crossq_td3_jax.py": ["td3"], "sac_jax.py": ["redq", "droq"]}
+
+
+def system_id(system: tuple[str, str | None]) -> str:
+    script, preset = system
+    return script[:-3] + (f"-{preset}" if preset else "")
+
+
+def logged_tags(script: str) -> set[str]:
+    tags = {"charts/episodic_return", "charts/episodic_length", "charts/SPS", "eval/episodic_return"}
+    tags |= {"losses/qf_loss", "losses/qf_values", "losses/actor_loss"}
+    return tags | ({"losses/alpha", "losses/alpha_loss"} if script in SAC_BASED else set())
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_lists_every_flag_and_the_preset_words(script, script_runner):
+    result, _ = script_runner(script, "--help", timeout=120)
+    assert result.returncode == 0, result.stderr
+    for field in dataclasses.fields(module_of(script).Args):
+        flag = f"--{field.name.replace('_', '-')}"
+        assert re.search(re.escape(flag) + "[ ,]", result.stdout), flag  # `--seed INT`, `--track, --no-track`
+    for word in PRESET_WORDS[script]:
+        assert word in result.stdout, word
+
+
+SMOKE_FLAGS = [
+    *["--env-id", "Hopper-v4", "--total-timesteps", "300", "--learning-starts", "256", "--batch-size", "32"],
+    *["--critic-width", "32", "--actor-width", "32", "--buffer-size", "1000", "--eval-freq", "0"],
+    *["--eval-episodes", "2", "--log-freq", "100", "--save-model"],
+]
+
+
+@pytest.mark.parametrize("system", SYSTEMS, ids=system_id)
+def test_a_short_mujoco_run_trains_evaluates_logs_and_saves_a_model_that_acts_as_evaluated(
+    system, script_runner, monkeypatch
+):
+    """Run as a user runs it. The saved model, read back by --eval-model, reproduces the final
+    evaluation (the run evaluates only at its end, so both see the same episodes)."""
+    script, preset = system
+    module = module_of(script)
+    result, cwd = script_runner(script, *([preset] if preset else []), *SMOKE_FLAGS)
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = run_dirs(cwd)
+    args = module.parse_args([*([preset] if preset else []), *SMOKE_FLAGS])
+    assert run_dir.name.startswith(f"Hopper-v4__{args.exp_name}__1__")
+    assert json.loads((run_dir / "args.json").read_text()) == dataclasses.asdict(args)
+    scalars = read_scalars(run_dir)
+    assert set(scalars) == logged_tags(script)
+    assert all(np.isfinite(value) for values in scalars.values() for _, value in values)
+    for tag in logged_tags(script):
+        if tag.startswith("losses/"):
+            assert [step for step, _ in scalars[tag]] == [300], tag  # logged once learning runs
+    (final_eval,) = scalars["eval/episodic_return"]
+    assert final_eval[0] == 300
+    saved = flax.serialization.msgpack_restore((run_dir / f"{args.exp_name}.crossq_model").read_bytes())
+    assert {"actor", "critic"} <= set(saved)
+    monkeypatch.chdir(cwd)
+    evaluated = module.evaluate_model(module.parse_args(["--eval-model", str(run_dir), "--eval-episodes", "2"]))
+    assert evaluated["eval_return"] == pytest.approx(final_eval[1], rel=1e-5)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_same_seed_gives_identical_runs(script, tmp_path):
+    module = module_of(script)
+    args = small_args(script, env_id="Pendulum-v1", seed=7, total_timesteps=400, learning_starts=200)
+    args = dataclasses.replace(args, batch_size=32, buffer_size=1000, log_freq=100, eval_freq=200, eval_episodes=1)
+    logs = []
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+        train_in(tmp_path / name, module, args)
+        logs.append(read_scalars(run_dirs(tmp_path / name)[0]))
+    assert len(logs[0]["losses/qf_loss"]) == 2 and len(logs[0]["eval/episodic_return"]) == 2
+    for tag in ["charts/episodic_return", "losses/qf_loss", "losses/actor_loss", "eval/episodic_return"]:
+        assert logs[0][tag] == logs[1][tag], tag
+
+
+# NaNRewardAfter300-v0 and HugeRewardAfter300-v0 are registered in conftest.py.
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_an_env_that_returns_nan_stops_the_run_at_that_step(script, tmp_path):
+    args = small_args(script, env_id="NaNRewardAfter300-v0", total_timesteps=2000, learning_starts=100, eval_freq=0)
+    with pytest.raises(FloatingPointError, match=r"returned a NaN/inf observation or reward at env step 300$"):
+        train_in(tmp_path, module_of(script), args)
+
+
+@pytest.mark.parametrize("system", [s for s in SYSTEMS if s[1] not in ("redq", "droq")], ids=system_id)
+def test_divergence_stops_training_and_names_the_loss_and_step(system, tmp_path):
+    """Rewards of 1e30 are finite, but the squared TD error overflows: the loss becomes inf (UTD 20:
+    tests/test_sac_jax.py)."""
+    script, preset = system
+    args = small_args(script, preset, env_id="HugeRewardAfter300-v0", total_timesteps=2000, learning_starts=100)
+    args = dataclasses.replace(args, log_freq=50, eval_freq=0, eval_episodes=1)
+    with pytest.raises(FloatingPointError, match=r"losses/qf_loss became NaN/inf at env step (\d+)") as error:
+        train_in(tmp_path, module_of(script), args)
+    step = int(re.search(r"env step (\d+)", str(error.value)).group(1))
+    assert 300 <= step <= 400  # the huge reward enters the buffer at step 300 and is sampled soon after
+
+
+# Pendulum-v1, 10 deterministic evaluation episodes every 1000 env steps, learning from step 1000.
+# The CrossQ scripts warm their BRN layers up for 1000 train calls only, so that the critics switch
+# from BatchNorm to renormalising at env step 2000 and the actor (policy delay 3) at 4000: the last
+# evaluations run Batch *Re*normalization, as every real run past 100k updates does.
+LEARNING = {
+    "crossq_jax.py": ["--critic-width", "256", "--bn-warmup-steps", "1000", "--total-timesteps", "5000"],
+    "crossq_td3_jax.py": ["--critic-width", "256", "--bn-warmup-steps", "1000", "--total-timesteps", "6000"],
+    "sac_jax.py": ["--total-timesteps", "8000"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_each_script_learns_to_swing_the_pendulum_up(script, finished_run):
+    scalars = finished_run(
+        script,
+        *["--env-id", "Pendulum-v1", "--seed", "1", "--learning-starts", "1000", *LEARNING[script]],
+        *["--eval-freq", "1000", "--eval-episodes", "10", "--log-freq", "1000"],
+    )
+    evals = dict(scalars["eval/episodic_return"])
+    assert evals[1000] < -600, evals  # the untrained policy lets it hang ...
+    assert evals[max(evals)] >= -300, evals  # ... the trained one swings it up and holds it, after the switch
