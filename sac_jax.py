@@ -9,6 +9,7 @@
 # SAC without target networks (`--no-target-network`, one joint pass as CrossQ), and the critic
 # activations of its Figures 8 and 16 (`--critic-activation`).
 # One self-contained file: networks, replay buffer, jitted update and training loop.
+import contextlib
 import ctypes.util
 import dataclasses
 import json
@@ -19,7 +20,7 @@ import signal
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Annotated, Any, Literal, NamedTuple
 
 import flax
@@ -159,124 +160,6 @@ PRESETS: dict[str, tuple[str, Args]] = {
 }
 
 
-# The hyperparameters in which the presets differ (exp_name aside: it only names the run). With
-# --resume, a preset word stands for these values and must agree with the checkpoint.
-PRESET_FIELDS = [
-    field.name
-    for field in dataclasses.fields(Args)
-    if field.name != "exp_name" and len({getattr(args, field.name) for _, args in PRESETS.values()}) > 1
-]
-
-
-# Every path the run writes lives under `runs/{run_name}`; these are its file names.
-ARGS_FILE = "args.json"
-CHECKPOINT_FILE = "checkpoint.npz"
-SCRIPT_NAME = "sac_jax"  # stamped into checkpoints, so that another script's are refused
-# Flags that may change when a run resumes; every other hyperparameter is the checkpoint's.
-RESUMABLE_FLAGS = {"total_timesteps", "checkpoint_freq", "log_freq", "save_model", "track", "resume"}
-RESUMABLE_FLAGS |= {"wandb_project_name", "wandb_entity", "capture_video"}
-RESUMABLE_FLAGS |= {"q_bias_freq", "q_bias_samples", "q_bias_cutoff"}  # measured beside training, never in it
-
-
-class ConfigError(ValueError):
-    """A bad command line or environment, reported as one line before any compute is spent."""
-
-
-def check_args(args: Args) -> None:
-    """Reject hyperparameters that are nonsensical or out of the range their use needs, naming the flag."""
-    positive = ["total_timesteps", "batch_size", "buffer_size", "critic_width", "actor_width"]
-    positive += ["utd", "policy_delay", "n_critics", "eval_episodes", "log_freq", "q_bias_samples", "q_bias_cutoff"]
-    for name in positive:
-        if getattr(args, name) <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
-    for name in ["learning_starts", "bn_warmup_steps", "eval_freq", "checkpoint_freq", "q_bias_freq"]:
-        if getattr(args, name) < 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must not be negative (got {getattr(args, name)})")
-    if not 0 <= args.seed <= SEED_MAX:
-        raise ConfigError(f"--seed must lie in [0, {SEED_MAX}], the seeds numpy accepts (got {args.seed})")
-    for name, choices in [("critic_activation", CRITIC_ACTIVATIONS), ("bn_mode", BN_MODES)]:
-        if getattr(args, name) not in choices:
-            flag = f"--{name.replace('_', '-')}"
-            raise ConfigError(f"{flag} must be one of {', '.join(choices)} (got {getattr(args, name)!r})")
-    if args.critic_activation == "glu" and args.critic_width % 2:
-        raise ConfigError(
-            f"--critic-activation glu halves each hidden layer's width: --critic-width must be even "
-            f"(got {args.critic_width})"
-        )
-    if not 1 <= args.target_subset_size <= args.n_critics:
-        raise ConfigError(
-            f"--target-subset-size must lie between 1 and --n-critics ({args.n_critics}) "
-            f"(got {args.target_subset_size})"
-        )
-    # The networks compute in float32: each float flag is checked as the float32 it becomes.
-    if not 0.0 < float32(args.bn_momentum) < 1.0:
-        raise ConfigError(f"--bn-momentum must lie in (0, 1) (got {with_float32(args.bn_momentum)})")
-    if not 0.0 < float32(args.tau) <= 1.0:
-        raise ConfigError(f"--tau must lie in (0, 1] (got {with_float32(args.tau)})")
-    if not 0.0 <= float32(args.dropout_rate) < 1.0:
-        raise ConfigError(f"--dropout-rate must lie in [0, 1) (got {with_float32(args.dropout_rate)})")
-    if not 0.0 <= float32(args.gamma) <= 1.0:
-        raise ConfigError(f"--gamma must lie in [0, 1] (got {with_float32(args.gamma)})")
-    if not 0.0 <= float32(args.adam_b1) < 1.0:
-        raise ConfigError(f"--adam-b1 must lie in [0, 1) (got {with_float32(args.adam_b1)})")
-    if not 0.0 < float32(args.learning_rate) < float("inf"):
-        raise ConfigError(f"--learning-rate must be positive and finite (got {with_float32(args.learning_rate)})")
-    # Env steps and update counts reach the jitted update as int32 (the BRN and Adam step counters too).
-    for name in ["total_timesteps", "bn_warmup_steps", "policy_delay", "utd"]:
-        if getattr(args, name) > INT32_MAX:
-            raise ConfigError(
-                f"--{name.replace('_', '-')} must be at most {INT32_MAX}, an int32 on the device "
-                f"(got {getattr(args, name)})"
-            )
-    updates = args.utd * max(args.total_timesteps - args.learning_starts, 0)
-    if updates > INT32_MAX:
-        raise ConfigError(
-            f"--utd {args.utd} x (--total-timesteps {args.total_timesteps} - --learning-starts {args.learning_starts}) "
-            f"is {updates} critic updates; their counters are int32 (at most {INT32_MAX})"
-        )
-    if args.learning_starts < args.batch_size:
-        raise ConfigError(
-            f"--learning-starts ({args.learning_starts}) must be at least --batch-size ({args.batch_size}): "
-            "the first update samples a full batch"
-        )
-    if args.buffer_size < args.batch_size:
-        raise ConfigError(f"--buffer-size ({args.buffer_size}) must be at least --batch-size ({args.batch_size})")
-
-
-DMC_PREFIX = "dm_control/"  # DeepMind Control Suite ids, as shimmy registers them (Appendix A.1 of the paper)
-
-
-def import_dm_control() -> None:
-    """Register the `dm_control/<domain>-<task>` ids (importing shimmy does), or say what to install."""
-    # dm_control picks its OpenGL backend once, on import. Training renders nothing: without a
-    # display, take headless EGL where its library exists and no backend otherwise, rather than
-    # GLFW, which wants a display. A MUJOCO_GL set by the user wins.
-    if "MUJOCO_GL" not in os.environ and not os.environ.get("DISPLAY"):
-        os.environ["MUJOCO_GL"] = "egl" if ctypes.util.find_library("EGL") else "disable"
-    try:
-        import dm_control.suite  # noqa: F401
-        import shimmy  # noqa: F401
-    except ImportError as e:
-        raise ConfigError(
-            f"DeepMind Control envs need shimmy and dm-control ({e}): pip install -r requirements-dmc.txt"
-        ) from None
-
-
-def gym_make(env_id: str, **kwargs) -> gym.Env:
-    if env_id.startswith(DMC_PREFIX):
-        import_dm_control()
-    with warnings.catch_warnings():
-        # The paper's results are on the v4 MuJoCo envs, which gymnasium 1.x calls out of date at every make.
-        warnings.filterwarnings("ignore", message=".*is out of date", category=DeprecationWarning)
-        env = gym.make(env_id, **kwargs)
-    if isinstance(env.observation_space, gym.spaces.Dict):
-        # DeepMind Control observes a dict of arrays; the networks take one vector: each entry
-        # flattened (a scalar gives one number), in the Dict space's key order, which gymnasium
-        # sorts alphabetically (as the authors' SB3 MultiInputPolicy concatenates them).
-        env = gym.wrappers.FlattenObservation(env)
-    return env
-
-
 def make_env(
     env_id: str,
     seed: int,
@@ -301,96 +184,6 @@ def make_env(
         return env
 
     return thunk
-
-
-def check_env(env_id: str, render: bool = False) -> tuple[int, int]:
-    """Fail fast on an env SAC cannot drive: unknown id, discrete actions, non-vector observations.
-    Returns the sizes of its observations and actions. With `render` (--capture-video), render a frame
-    too: a machine that cannot record says so now."""
-    try:
-        # render_mode only when rendering: an env without one (the tests' envs) takes no such argument
-        env = gym_make(env_id, **({"render_mode": "rgb_array"} if render else {}))
-        if render:
-            env.reset(seed=0)
-            if np.ndim(frame := env.render()) != 3:
-                raise RuntimeError(f"render() gave {type(frame).__name__}, not an RGB image")
-    except gym.error.Error as e:  # unknown id, missing MuJoCo, bad version ...
-        raise ConfigError(f"cannot make env {env_id!r}: {e}") from None
-    except Exception as e:
-        if render or "MUJOCO_GL" in os.environ:  # MuJoCo without its OpenGL library: ImportError, AttributeError ...
-            raise ConfigError(
-                f"cannot render {env_id} with MUJOCO_GL={os.environ.get('MUJOCO_GL', '(unset)')} "
-                f"({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}); without a screen use "
-                "MUJOCO_GL=egl (Debian: apt-get install libegl1 libegl-mesa0 libgl1-mesa-dri) or MUJOCO_GL=osmesa "
-                "(apt-get install libosmesa6)"
-            ) from None
-        if not env_id.startswith(DMC_PREFIX):
-            raise
-        # dm_control built against another MuJoCo fails deep inside (e.g. a missing model field)
-        raise ConfigError(
-            f"cannot make env {env_id!r} ({type(e).__name__}: {e}); pip install -r requirements-dmc.txt "
-            "installs versions that work together"
-        ) from None
-    action_space, observation_space = env.action_space, env.observation_space
-    env.close()
-    if not isinstance(action_space, gym.spaces.Box):
-        raise ConfigError(
-            f"{env_id} has a {type(action_space).__name__} action space; SAC needs a continuous Box action space"
-        )
-    if not np.all(np.isfinite(action_space.low)) or not np.all(np.isfinite(action_space.high)):
-        raise ConfigError(f"{env_id} has an unbounded action space; SAC needs finite action bounds")
-    if not isinstance(observation_space, gym.spaces.Box) or len(observation_space.shape) != 1:
-        raise ConfigError(f"{env_id} needs flat vector observations (got {observation_space})")
-    return observation_space.shape[0], action_space.shape[0]
-
-
-def check_optional_dependencies(args: Args) -> None:
-    """Flags that need an extra package say so before anything is trained. Call it before MuJoCo is
-    imported: --capture-video picks MuJoCo's renderer, which MuJoCo reads as it is imported."""
-    needs = {"track": ("wandb", "wandb"), "capture_video": ("moviepy", "moviepy")}
-    for flag, (module, package) in needs.items():
-        if getattr(args, flag):
-            try:
-                __import__(module)
-            except ImportError:
-                raise ConfigError(
-                    f"--{flag.replace('_', '-')} needs {package}: pip install -r requirements-extras.txt"
-                ) from None
-    if args.capture_video and sys.platform.startswith("linux"):
-        if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
-            # No screen: MuJoCo must render offscreen, and EGL (Mesa's, on the CPU too) works headless.
-            os.environ.setdefault("MUJOCO_GL", "egl")
-
-
-class SummaryWriter:
-    """A minimal TensorBoard writer on the `tensorboard` package alone (no torch, no TensorFlow)."""
-
-    def __init__(self, log_dir: str):
-        from tensorboard.summary.writer.event_file_writer import EventFileWriter
-
-        self._writer = EventFileWriter(log_dir)
-
-    def add_scalar(self, tag: str, value: float, step: int) -> None:
-        from tensorboard.compat.proto import event_pb2, summary_pb2
-
-        summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, simple_value=float(value))])
-        self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
-
-    def add_text(self, tag: str, text: str, step: int = 0) -> None:
-        from tensorboard.compat.proto import event_pb2
-        from tensorboard.plugins.text.summary_v2 import text_pb
-
-        self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=text_pb(tag, text)))
-
-    def add_session_start(self, step: int) -> None:
-        """Mark a restart: TensorBoard discards earlier-logged points at `step` and later."""
-        from tensorboard.compat.proto import event_pb2
-
-        session_log = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
-        self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=step, session_log=session_log))
-
-    def close(self) -> None:
-        self._writer.close()
 
 
 # ALGO LOGIC: Batch Renormalization (the `--bn-mode` ablations; plain SAC has none)
@@ -454,23 +247,6 @@ class BatchRenorm(nn.Module):
         return (x - mean) * (scale * jax.lax.rsqrt(var + self.epsilon)) + bias
 
 
-class Normalization(nn.Module):
-    """The layer `--bn-mode` selects: BRN, plain BN (BRN with r=1, d=0) or none (the identity)."""
-
-    mode: str = "none"
-    momentum: float = 0.99
-    warmup_steps: int = 100_000
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        if self.mode == "none":
-            return x
-        limits = {"brn": {"r_max": 3.0, "d_max": 5.0}, "bn": {"r_max": 1.0, "d_max": 0.0}}[self.mode]
-        return BatchRenorm(
-            use_running_average=not train, momentum=self.momentum, warmup_steps=self.warmup_steps, **limits
-        )(x)
-
-
 # ALGO LOGIC: networks
 class CriticActivation(nn.Module):
     """The critics' activation (`--critic-activation`), each as the authors' sbx/sac/utils.py defines it.
@@ -492,6 +268,23 @@ class CriticActivation(nn.Module):
             return x / (x.max() + 1e-6)
         elementwise = {"relu": nn.relu, "tanh": nn.tanh, "elu": nn.elu, "relu6": nn.relu6, "sin": jnp.sin}
         return {**elementwise, "glu": nn.glu, "gelu": nn.gelu, "silu": nn.silu}[self.kind](x)
+
+
+class Normalization(nn.Module):
+    """The layer `--bn-mode` selects: BRN, plain BN (BRN with r=1, d=0) or none (the identity)."""
+
+    mode: str = "none"
+    momentum: float = 0.99
+    warmup_steps: int = 100_000
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        if self.mode == "none":
+            return x
+        limits = {"brn": {"r_max": 3.0, "d_max": 5.0}, "bn": {"r_max": 1.0, "d_max": 0.0}}[self.mode]
+        return BatchRenorm(
+            use_running_average=not train, momentum=self.momentum, warmup_steps=self.warmup_steps, **limits
+        )(x)
 
 
 class Critic(nn.Module):
@@ -641,6 +434,8 @@ class Metrics(NamedTuple):
 
 
 LOSS_NAMES = ("qf_loss", "actor_loss", "alpha_loss")
+# What each progress line logs to TensorBoard as losses/<name> and prints in this format (None: logged only).
+PROGRESS_METRICS = {"qf_loss": ".3f", "qf_values": ".2f", "actor_loss": ".3f", "alpha": ".4f", "alpha_loss": None}
 
 
 # ALGO LOGIC: replay buffer, on the device so that sampling happens inside the jitted update
@@ -924,6 +719,7 @@ def make_train_step(args: Args, action_dim: int):
     return jax.jit(train_step, donate_argnums=(0, 2))
 
 
+# ALGO LOGIC: acting and evaluation
 @jax.jit
 def explore(actor_state: BNTrainState, obs: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
     """An exploration action sampled from pi (actor in eval mode), and the next key."""
@@ -1051,258 +847,189 @@ def q_bias_policy(agent: AgentState) -> Callable[[np.ndarray, jax.Array], tuple[
     return policy
 
 
-# CHECKPOINTING: everything a run needs to continue exactly where it stopped
-class Preempted(Exception):
-    """SIGTERM or SIGINT arrived; a checkpoint has been written."""
-
-    def __init__(self, signum: int, checkpoint: str):
-        super().__init__(f"stopped by {signal.Signals(signum).name}; checkpoint written to {checkpoint}")
-        self.signum, self.checkpoint = signum, checkpoint
-
-
-# DeepMind Control envs (through shimmy) draw from a legacy np.random.RandomState, not a Generator.
-def generator_state(generator: np.random.Generator | np.random.RandomState) -> dict:
-    if isinstance(generator, np.random.RandomState):
-        return generator.get_state(legacy=False)
-    return generator.bit_generator.state
-
-
-def set_generator_state(generator: np.random.Generator | np.random.RandomState, state: dict) -> None:
-    if isinstance(generator, np.random.RandomState):
-        generator.set_state(state)
-    else:
-        generator.bit_generator.state = state
-
-
-def host_rngs(env: gym.Env, eval_env: gym.Env) -> dict:
-    """Host random states beside the env's own (which each episode records at its reset)."""
-    return {
-        "action_space": generator_state(env.action_space.np_random),
-        "eval_env": generator_state(eval_env.np_random),
-        "numpy": np.random.get_state(legacy=False),
-        "python": random.getstate(),
-    }
-
-
-def set_host_rngs(states: dict, env: gym.Env, eval_env: gym.Env) -> None:
-    set_generator_state(env.action_space.np_random, states["action_space"])
-    set_generator_state(eval_env.np_random, states["eval_env"])
-    np.random.set_state(states["numpy"])
-    version, internal, gauss = states["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
-def checkpoint_file(path: str) -> str:
-    return os.path.join(path, CHECKPOINT_FILE) if os.path.isdir(path) else path
-
-
-def write_checkpoint(path: str, device_state: dict, host_state: dict) -> None:
-    """Write arrays and host state to `path` atomically: a kill at any moment, mid-write
-    included, leaves the previous checkpoint in place (write a temporary file, then rename)."""
-    arrays = flax.traverse_util.flatten_dict(flax.serialization.to_state_dict(jax.device_get(device_state)), sep="/")
-    arrays = {path: x for path, x in arrays.items() if x is not None}  # -TN's absent targets: nothing to store
-    meta = np.frombuffer(json.dumps(host_state, default=np.ndarray.tolist).encode(), np.uint8)
-    tmp_path = path + ".tmp"
-    try:
-        with open(tmp_path, "wb") as f:
-            np.savez(f, __host_state__=meta, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except OSError as e:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise ConfigError(f"cannot write checkpoint {path}: {e.strerror}") from None
-
-
-def read_checkpoint(path: str, with_arrays: bool = True) -> tuple[dict, dict]:
-    """({"agent/critic/params/...": array}, host state) of a checkpoint of this script; one-line errors
-    otherwise. `with_arrays=False` reads the host state alone (the archive's members load lazily)."""
-    path = checkpoint_file(path)
-    if not os.path.exists(path):
-        raise ConfigError(f"no checkpoint at {path}")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            host_state = json.loads(data["__host_state__"].tobytes())
-            names = [name for name in data.files if name != "__host_state__"] if with_arrays else []
-            arrays = {name: data[name] for name in names}
-    except Exception as e:  # a truncated or foreign file fails in many ways inside zipfile and numpy
-        raise ConfigError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
-    if host_state.get("script") != SCRIPT_NAME:
-        raise ConfigError(f"{path} was written by {host_state.get('script')}, not by {SCRIPT_NAME}")
-    if set(host_state["args"]) != {field.name for field in dataclasses.fields(Args)}:
-        raise ConfigError(f"{path} was written by another version of {SCRIPT_NAME}: its flags differ")
-    return arrays, host_state
-
-
-def restore(template: Any, arrays: dict) -> Any:
-    """`template` (a pytree of the right structure) with its leaves taken from a checkpoint's arrays."""
-    flat = flax.traverse_util.flatten_dict(flax.serialization.to_state_dict(template), sep="/", keep_empty_nodes=True)
-    absent = lambda leaf: leaf is None or leaf is flax.traverse_util.empty_node  # (None: -TN has no targets)
-    missing = [path for path, leaf in flat.items() if not absent(leaf) and path not in arrays]
-    if missing:
-        raise ConfigError(f"the checkpoint lacks {missing[0]}")
-    state = flax.traverse_util.unflatten_dict({path: arrays.get(path, leaf) for path, leaf in flat.items()}, sep="/")
-    return flax.serialization.from_state_dict(template, state)
-
-
-def check_resume(args: Args, host_state: dict) -> None:
-    """A resumed run keeps its env and hyperparameters; only RESUMABLE_FLAGS may change."""
-    saved, step = host_state["args"], host_state["global_step"]
-    if args.total_timesteps <= step:
-        raise ConfigError(f"the checkpoint is at env step {step}: pass a --total-timesteps above it to continue")
-    if args.env_id != saved["env_id"]:
-        raise ConfigError(f"the checkpoint is of a run on {saved['env_id']}, not on {args.env_id}")
-    changed = [name for name, value in dataclasses.asdict(args).items() if name not in RESUMABLE_FLAGS]
-    changed = [name for name in changed if saved.get(name) != getattr(args, name)]
-    if changed:
-        name = changed[0]
-        raise ConfigError(
-            f"--{name.replace('_', '-')} is {saved.get(name)} in the checkpoint, not {getattr(args, name)}: "
-            "a resumed run keeps its hyperparameters"
-        )
-
-
-def replay_episode(env: gym.Env, start_state: dict, actions: np.ndarray) -> np.ndarray:
-    """Bring `env` to where the interrupted run was: same reset draw, then the same actions."""
-    set_generator_state(env.np_random, start_state)
-    obs, _ = env.reset()
-    for action in actions:
-        obs, *_ = env.step(action)
-    return obs
-
-
-def catch_preemption() -> tuple[dict, Callable[[], None]]:
-    """SIGTERM/SIGINT set a flag the loop checks once per step; a second signal exits at once."""
-    received: dict[str, int] = {}
-
-    def handler(signum, frame):
-        if received:
-            print(f"\n{signal.Signals(signum).name} again: exiting without a checkpoint", file=sys.stderr, flush=True)
-            os._exit(128 + signum)
-        received["signum"] = signum
-        print(f"\n{signal.Signals(signum).name}: writing a checkpoint, then exiting", file=sys.stderr, flush=True)
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-    return received, lambda: [signal.signal(sig, h) for sig, h in previous.items()]
-
-
-# AROUND TRAINING: the progress line's time left, evaluating a saved model
-def time_left(total_steps: int) -> Callable[[int, bool], str]:
-    """`eta(step, learning)`: the time left as H:MM:SS, at the wall-clock pace (evaluations and checkpoints
-    included) since the first progress line with learning on; `?` before it, since random actions run far faster."""
-    mark: list[tuple[int, float]] = []
-
-    def eta(step: int, learning: bool) -> str:
-        if step >= total_steps:
-            return "0:00:00"
-        if not learning:
-            return "?"
-        if not mark:
-            mark.append((step, time.perf_counter()))
-            return "?"
-        (start_step, start_time), now = mark[0], time.perf_counter()
-        seconds = round((now - start_time) / (step - start_step) * (total_steps - step))
-        return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-    return eta
-
-
-MODEL_SUFFIX = ".crossq_model"  # what --save-model writes: runs/{run_name}/{exp_name}.crossq_model
-EVAL_FLAGS = {"eval_model", "eval_episodes", "seed", "capture_video"}  # what applies to --eval-model
-
-
-def check_eval_flags(args: Args, defaults: Args) -> None:
-    """--eval-model uses the saved run's networks and env: a training flag beside it is a mistake, said so."""
-    for field in dataclasses.fields(Args):
-        if field.name not in EVAL_FLAGS and getattr(args, field.name) != getattr(defaults, field.name):
-            raise ConfigError(
-                f"--{field.name.replace('_', '-')} does not go with --eval-model: the saved run's hyperparameters "
-                "are used (only --eval-episodes, --seed and --capture-video apply)"
-            )
-
-
-def read_saved_model(path: str) -> tuple[Args, dict, str]:
-    """(the run's Args, its actor's variables, its run name) from a run directory, the file --save-model
-    wrote, or a checkpoint; a one-line error for anything else."""
-    if not os.path.exists(path):
-        raise ConfigError(f"--eval-model: no such file or directory: {path}")
-    if os.path.isdir(path):
-        try:
-            with open(os.path.join(path, ARGS_FILE)) as f:
-                exp_name = json.load(f)["exp_name"]
-        except (OSError, ValueError, KeyError):
-            exp_name = SCRIPT_NAME
-        model = os.path.join(path, exp_name + MODEL_SUFFIX)
-        if os.path.exists(model):
-            path = model
-        elif os.path.exists(os.path.join(path, CHECKPOINT_FILE)):
-            path = os.path.join(path, CHECKPOINT_FILE)
-        else:
-            raise ConfigError(f"{path} holds neither a model saved with --save-model nor a {CHECKPOINT_FILE}")
-    if path.endswith(MODEL_SUFFIX):
-        run_dir = os.path.dirname(os.path.abspath(path))
-        try:
-            with open(os.path.join(run_dir, ARGS_FILE)) as f:
-                saved_args = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{path} needs its run's {ARGS_FILE} beside it ({e})") from None
-        try:
-            with open(path, "rb") as f:
-                actor = flax.serialization.msgpack_restore(f.read())["actor"]
-        except Exception as e:  # a truncated or foreign file fails in many ways inside msgpack
-            raise ConfigError(f"{path} is not a readable model file ({type(e).__name__}: {e})") from None
-        run_name = os.path.basename(run_dir)
-    else:
-        arrays, host_state = read_checkpoint(path)
-        prefix = "agent/actor/"
-        actor = {name[len(prefix) :]: value for name, value in arrays.items() if name.startswith(prefix)}
-        # A network without normalisation has empty batch_stats, which the checkpoint's flat names drop.
-        actor = {"batch_stats": {}, **flax.traverse_util.unflatten_dict(actor, sep="/")}
-        saved_args, run_name = host_state["args"], host_state["run_name"]
-    known = {field.name for field in dataclasses.fields(Args)}
-    return Args(**{name: value for name, value in saved_args.items() if name in known}), actor, run_name
-
-
-def evaluate_model(args: Args) -> dict:
-    """--eval-model: `--eval-episodes` episodes of the saved deterministic policy; prints their mean and std."""
-    if args.eval_episodes <= 0:
-        raise ConfigError(f"--eval-episodes must be positive (got {args.eval_episodes})")
-    if not 0 <= args.seed <= SEED_MAX:
-        raise ConfigError(f"--seed must lie in [0, {SEED_MAX}], the seeds numpy accepts (got {args.seed})")
-    check_optional_dependencies(dataclasses.replace(args, track=False))  # first: it may pick MuJoCo's renderer
-    saved_args, saved_actor, run_name = read_saved_model(args.eval_model)
-    check_env(saved_args.env_id, render=args.capture_video)
-    # Seeded as the training run's evaluations are: a run evaluated only at its end gets the same returns.
-    eval_seed = args.seed + 10_000
-    env = make_env(saved_args.env_id, eval_seed, args.capture_video, f"{run_name}-eval")()
-    env.reset(seed=eval_seed)
-    agent = create_agent(saved_args, env.observation_space.shape[0], env.action_space.shape[0], jax.random.PRNGKey(0))
-    template = variables_of(agent.actor)
-    try:
-        actor = agent.actor.replace(**flax.serialization.from_state_dict(template, saved_actor))
-        shapes_match = jax.tree.map(lambda a, b: np.shape(a) == np.shape(b), template, variables_of(actor))
-    except (KeyError, ValueError, TypeError) as e:
-        raise ConfigError(f"{args.eval_model} does not hold an actor of its run's shape ({e})") from None
-    if not all(jax.tree.leaves(shapes_match)):
-        raise ConfigError(f"{args.eval_model} does not hold an actor of its run's shape")
-    try:
-        returns = evaluate(actor, env, args.eval_episodes)
-    finally:
-        env.close()  # writes the last video
+def log_q_bias(writer: "SummaryWriter", env: gym.Env, agent: AgentState, args: Args, step: int) -> None:
+    """Measure the critic's Q bias at env `step`, log it under eval/ and print it."""
+    # Its own env, reseeded from the step, and its own key: training's env, keys and generators
+    # stay untouched, and a resumed run measures what an uninterrupted one does.
+    env.reset(seed=args.seed + Q_BIAS_SEED_OFFSET + step)
+    key, dropout_key = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(args.seed + Q_BIAS_SEED_OFFSET), step))
+    alpha = float(jnp.exp(agent.log_alpha.params["log_alpha"]))
+    policy, critic = q_bias_policy(agent), q_bias_critic(agent, dropout_key)
+    stats = q_bias(env, policy, critic, alpha, args.gamma, args.q_bias_samples, args.q_bias_cutoff, key)
+    for name, value in stats.items():
+        writer.add_scalar(f"eval/{name}", value, step)
     print(
-        f"{run_name} on {saved_args.env_id}: eval/episodic_return={np.mean(returns):.1f} +- {np.std(returns):.1f} "
-        f"({len(returns)} episodes of the deterministic policy, seed {eval_seed})",
+        f"step={step} eval/q_bias_mean={stats['q_bias_mean']:.3f} eval/q_bias_std={stats['q_bias_std']:.3f} "
+        f"(over |mean MC|: {stats['q_bias_global_mean']:.3f} +- {stats['q_bias_global_std']:.3f}; "
+        f"Q {stats['q_value']:.2f} vs MC {stats['mc_return']:.2f} on {args.q_bias_samples} states)",
         flush=True,
     )
-    video_folder = os.path.join("videos", f"{run_name}-eval") if args.capture_video else None
-    if video_folder:
-        print(f"videos of the episodes in {video_folder}", flush=True)
-    return {"eval_return": float(np.mean(returns)), "returns": returns, "video_folder": video_folder}
 
 
+# ALGO LOGIC: the training loop
 def train(args: Args) -> dict:
     """Run SAC (or REDQ, DroQ) as `args` says; returns the last evaluation's mean return and the run's name."""
+    run = start_run(args)  # every check first; then runs/{run_name} with args.json, W&B and the event writer
+    obs_dim, action_dim, writer = run.obs_dim, run.action_dim, run.writer
+
+    # Seeding: Python and numpy for good measure; the env, its action space and JAX explicitly.
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    key = jax.random.PRNGKey(args.seed)
+    key, agent_key, explore_key = jax.random.split(key, 3)
+
+    # The recorder keeps each episode's reset state and actions: what a resumed run replays to get the env back.
+    env = EpisodeRecorder(make_env(args.env_id, args.seed)())
+    env.reset(seed=args.seed)  # seeds the env's generator; each episode records its state at reset
+    # One video per evaluation, of its first episode (episode 0 is the seeding reset below).
+    first_of_each_evaluation = lambda episode: episode > 0 and (episode - 1) % args.eval_episodes == 0
+    eval_env = make_env(args.env_id, args.seed + 10_000, args.capture_video, run.name, first_of_each_evaluation)()
+    eval_env.reset(seed=args.seed + 10_000)
+    q_bias_env = make_env(args.env_id, args.seed + Q_BIAS_SEED_OFFSET)() if args.q_bias_freq else None
+
+    agent = create_agent(args, obs_dim, action_dim, agent_key)
+    buffer = ReplayBuffer.create(args.buffer_size, obs_dim, action_dim)
+    metrics = Metrics.initial()
+    train_step = make_train_step(args, action_dim)
+    store = jax.jit(buffer_add, donate_argnums=0)  # its own jitted call: see train_step
+    obs, episodic_return, eval_return = np.zeros(obs_dim, np.float32), float("nan"), float("nan")
+
+    def state() -> dict:
+        """The arrays a checkpoint holds, under these names (the recorder adds the episode's actions)."""
+        keys = {"update": key, "explore": explore_key}
+        return {"agent": agent, "buffer": buffer.filled_part(), "metrics": metrics, "keys": keys, "obs": obs}
+
+    start_step = 0
+    if args.resume:  # the checkpoint's arrays, generators and env state: the run goes on as if never stopped
+        restored, obs, start_step, eval_return = run.resume(state(), env, eval_env)
+        agent, metrics = jax.device_put((restored["agent"], restored["metrics"]))
+        key, explore_key = jax.device_put((restored["keys"]["update"], restored["keys"]["explore"]))
+        buffer = buffer.refill(restored["buffer"])
+    else:
+        obs, _ = env.reset()
+
+    # Around the loop: the SPS clock, and SIGTERM/SIGINT caught; at the end the writer, envs and W&B are closed.
+    with run.training(env, eval_env, q_bias_env):
+        # TRY NOT TO MODIFY: start the game
+        for global_step in range(start_step + 1, args.total_timesteps + 1):
+            # ALGO LOGIC: put action logic here
+            learning = global_step > args.learning_starts
+            if learning:
+                action, explore_key = explore(agent.actor, obs[None].astype(np.float32), explore_key)
+                action = np.asarray(action)[0]
+                if not np.isfinite(action).all():
+                    raise FloatingPointError(policy_diverged(global_step, metrics))
+            else:
+                action = env.action_space.sample()
+
+            next_obs, reward, terminated, truncated, info = env.step(action)
+            if not (np.isfinite(reward) and np.isfinite(next_obs).all()):
+                raise FloatingPointError(
+                    f"{args.env_id} returned a NaN/inf observation or reward at env step {global_step}"
+                )
+            # Bootstrap through time-limit truncations: only a true terminal ends the return.
+            transition = Transition(
+                obs.astype(np.float32),
+                action.astype(np.float32),
+                np.float32(reward),
+                next_obs.astype(np.float32),
+                np.float32(terminated),
+            )
+            buffer = store(buffer, transition)
+            if learning:
+                key, update_key = jax.random.split(key)
+                agent, metrics = train_step(agent, buffer, metrics, update_key, global_step)
+
+            if terminated or truncated:
+                episodic_return = float(info["episode"]["r"])
+                writer.add_scalar("charts/episodic_return", episodic_return, global_step)
+                writer.add_scalar("charts/episodic_length", info["episode"]["l"], global_step)
+                obs, _ = env.reset()
+            else:
+                obs = next_obs
+
+            if global_step % args.log_freq == 0:  # charts/SPS, losses/* and one plain line with the time left
+                run.log_progress(global_step, learning, episodic_return, agent, metrics)
+            with run.clock.paused():  # SPS counts training time only: evaluation, Q bias and checkpoints are excluded
+                if (args.eval_freq and global_step % args.eval_freq == 0) or global_step == args.total_timesteps:
+                    check_finite(global_step, agent, metrics)
+                    returns = evaluate(agent.actor, eval_env, args.eval_episodes)
+                    eval_return = float(np.mean(returns))
+                    writer.add_scalar("eval/episodic_return", eval_return, global_step)
+                    print(
+                        f"step={global_step} eval/episodic_return={eval_return:.1f} +- {np.std(returns):.1f} "
+                        f"({len(returns)} episodes)",
+                        flush=True,
+                    )
+                if args.q_bias_freq and global_step % args.q_bias_freq == 0:
+                    log_q_bias(writer, q_bias_env, agent, args, global_step)
+                # Every --checkpoint-freq env steps; after SIGTERM/SIGINT, a checkpoint and the end of the run.
+                run.checkpoint_if_due(global_step, state, eval_return, env, eval_env)
+
+    if args.save_model:
+        save_model(agent, run.dir, args.exp_name)
+    return {"eval_return": eval_return, "run_name": run.name}
+
+
+# ==================================================================================================
+# MACHINERY: everything below keeps a run safe and convenient (checks that refuse bad input, the run
+# folder and event writer, checkpoints, resume, signals, --eval-model, the command line). A reader
+# of the algorithm can stop here.
+# ==================================================================================================
+
+
+# MACHINERY: the run: its folder, event writer and W&B, and what train() hands over to it (resume, the SPS
+# clock, the progress line, checkpoints when due or signalled, closing up, --save-model)
+# Every path the run writes lives under `runs/{run_name}`; these are its file names.
+ARGS_FILE = "args.json"
+CHECKPOINT_FILE = "checkpoint.npz"
+SCRIPT_NAME = "sac_jax"  # stamped into checkpoints, so that another script's are refused
+# Flags that may change when a run resumes; every other hyperparameter is the checkpoint's.
+RESUMABLE_FLAGS = {"total_timesteps", "checkpoint_freq", "log_freq", "save_model", "track", "resume"}
+RESUMABLE_FLAGS |= {"wandb_project_name", "wandb_entity", "capture_video"}
+RESUMABLE_FLAGS |= {"q_bias_freq", "q_bias_samples", "q_bias_cutoff"}  # measured beside training, never in it
+
+MODEL_SUFFIX = ".crossq_model"  # what --save-model writes: runs/{run_name}/{exp_name}.crossq_model
+
+
+class ConfigError(ValueError):
+    """A bad command line or environment, reported as one line before any compute is spent."""
+
+
+class SummaryWriter:
+    """A minimal TensorBoard writer on the `tensorboard` package alone (no torch, no TensorFlow)."""
+
+    def __init__(self, log_dir: str):
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+        self._writer = EventFileWriter(log_dir)
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        from tensorboard.compat.proto import event_pb2, summary_pb2
+
+        summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, simple_value=float(value))])
+        self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
+
+    def add_text(self, tag: str, text: str, step: int = 0) -> None:
+        from tensorboard.compat.proto import event_pb2
+        from tensorboard.plugins.text.summary_v2 import text_pb
+
+        self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=text_pb(tag, text)))
+
+    def add_session_start(self, step: int) -> None:
+        """Mark a restart: TensorBoard discards earlier-logged points at `step` and later."""
+        from tensorboard.compat.proto import event_pb2
+
+        session_log = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+        self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=step, session_log=session_log))
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def start_run(args: Args) -> "Run":
+    """Every check first, so that a refused run leaves no trace; then runs/{run_name} with its args.json, W&B
+    and the event writer (a fresh run's first event: the hyperparameters)."""
     check_args(args)
     check_optional_dependencies(args)  # first: it may pick MuJoCo's renderer
     obs_dim, action_dim = check_env(args.env_id, render=args.capture_video)
@@ -1326,24 +1053,6 @@ def train(args: Args) -> dict:
     except OSError as e:
         raise ConfigError(f"cannot write the run directory {run_dir}: {e.strerror}") from None
 
-    # Seeding: Python and numpy for good measure; the env, its action space and JAX explicitly.
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    key = jax.random.PRNGKey(args.seed)
-    key, agent_key, explore_key = jax.random.split(key, 3)
-
-    env = make_env(args.env_id, args.seed)()
-    env.reset(seed=args.seed)  # seeds the env's generator; each episode records its state at reset
-    # One video per evaluation, of its first episode (episode 0 is the seeding reset below).
-    first_of_each_evaluation = lambda episode: episode > 0 and (episode - 1) % args.eval_episodes == 0
-    eval_env = make_env(args.env_id, args.seed + 10_000, args.capture_video, run_name, first_of_each_evaluation)()
-    eval_env.reset(seed=args.seed + 10_000)
-    q_bias_env = make_env(args.env_id, args.seed + Q_BIAS_SEED_OFFSET)() if args.q_bias_freq else None
-
-    agent = create_agent(args, obs_dim, action_dim, agent_key)
-    buffer = ReplayBuffer.create(args.buffer_size, obs_dim, action_dim)
-    metrics = Metrics.initial()
-
     if args.track:
         import wandb
 
@@ -1357,210 +1066,359 @@ def train(args: Args) -> dict:
             save_code=True,  # no monitor_gym: wandb's hook fails on gymnasium 1.x's RecordVideo
         )
     writer = SummaryWriter(run_dir)
-    obs, episode_actions, episodic_return = np.zeros(obs_dim, np.float32), [], float("nan")
-
-    def snapshot() -> dict:
-        """The arrays of a checkpoint (host-side state goes beside them as JSON)."""
-        return {
-            "agent": agent,
-            "buffer": buffer.filled_part(),
-            "metrics": metrics,
-            "keys": {"update": key, "explore": explore_key},
-            "obs": obs,
-            # The current episode's actions: replayed from its recorded reset, they bring the
-            # env back to the exact state of this step (MuJoCo's full state is more than qpos/qvel).
-            "episode_actions": np.asarray(episode_actions, np.float32).reshape(-1, action_dim),
-        }
-
     if saved is None:
         writer.add_text(
             "hyperparameters",
-            "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()),
+            "|param|value|\n|-|-|\n" + "\n".join(f"|{name}|{value}|" for name, value in vars(args).items()),
         )
-        start_step, train_seconds, eval_return = 0, 0.0, float("nan")
-        episode_start = generator_state(env.np_random)
-        obs, _ = env.reset()
-    else:
-        restored = restore(snapshot(), saved_arrays)
-        agent, metrics = jax.device_put((restored["agent"], restored["metrics"]))
-        key, explore_key = jax.device_put((restored["keys"]["update"], restored["keys"]["explore"]))
-        buffer = buffer.refill(restored["buffer"])
-        start_step, train_seconds, eval_return = saved["global_step"], saved["train_seconds"], saved["eval_return"]
+    return Run(args, run_name, run_dir, obs_dim, action_dim, writer, saved_arrays, saved)
+
+
+@dataclasses.dataclass
+class Run:
+    """What a training run keeps beside the algorithm: its name and folder, the event writer, the checkpoint it
+    resumes from, the SPS clock and time left of the progress line, and the SIGTERM/SIGINT flag."""
+
+    args: Args
+    name: str  # {env_id}__{exp_name}__{seed}__{unix time}; a resumed run keeps its own
+    dir: str  # runs/{name}
+    obs_dim: int
+    action_dim: int
+    writer: SummaryWriter
+    saved_arrays: dict | None = None  # with --resume: the checkpoint's arrays (until restored)
+    saved: dict | None = None  # and its host state
+
+    def __post_init__(self) -> None:
+        self.clock = TrainClock(self.saved["train_seconds"] if self.saved else 0.0)  # started again by training()
+        self.eta = time_left(self.args.total_timesteps)
+        self.preemption: dict[str, int] = {}  # {"signum": ...} once SIGTERM or SIGINT arrived
+
+    def resume(self, template: dict, env: "EpisodeRecorder", eval_env: gym.Env) -> tuple[dict, np.ndarray, int, float]:
+        """The checkpoint's arrays in the structure of `template` (the fresh run's), with the host generators put
+        back and the interrupted episode replayed: (the arrays, the env's observation, the env step, the last
+        evaluation's mean return)."""
+        saved, start_step = self.saved, self.saved["global_step"]
+        template = {**template, "episode_actions": np.zeros((0, self.action_dim), np.float32)}
+        restored = restore(template, self.saved_arrays)
+        self.saved_arrays = None  # the restored arrays are the run's now
         set_host_rngs(saved["rngs"], env, eval_env)
-        episode_start, episode_actions = saved["episode_start_rng"], list(restored["episode_actions"])
-        obs = replay_episode(env, episode_start, episode_actions)
+        obs = replay_episode(env, saved["episode_start_rng"], list(restored["episode_actions"]))
         if not np.array_equal(obs, restored["obs"]):
             print("warning: the replayed env state differs from the checkpoint's; the run goes on from it", flush=True)
         # Tell TensorBoard to drop what the interrupted process logged after its checkpoint.
-        writer.add_session_start(start_step + 1)
-        print(f"resumed {run_name} at env step {start_step} from {checkpoint_file(args.resume)}", flush=True)
-    print(f"run {run_name}: logging to {run_dir}", flush=True)
+        self.writer.add_session_start(start_step + 1)
+        print(f"resumed {self.name} at env step {start_step} from {checkpoint_file(self.args.resume)}", flush=True)
+        return restored, obs, start_step, saved["eval_return"]
 
-    train_step = make_train_step(args, action_dim)
-    store = jax.jit(buffer_add, donate_argnums=0)
+    @contextlib.contextmanager
+    def training(self, *envs: gym.Env | None) -> Iterator[None]:
+        """Around the training loop: says where the run logs, starts the SPS clock (a resumed run's goes on from
+        its checkpoint) and turns SIGTERM/SIGINT into a checkpoint; however the loop ends, closes the writer,
+        `envs` (an evaluation env writes its last video) and W&B."""
+        print(f"run {self.name}: logging to {self.dir}", flush=True)
+        self.clock.start()
+        self.preemption, restore_signal_handlers = catch_preemption()
+        try:
+            yield
+        finally:
+            restore_signal_handlers()
+            self.writer.close()
+            for env in envs:
+                if env is not None:
+                    env.close()
+            if self.args.track:
+                import wandb
 
-    def check_finite(step: int) -> None:
-        bad = int(metrics.nonfinite_step)
-        if bad >= 0:
-            name = LOSS_NAMES[int(metrics.nonfinite_loss)]
-            raise FloatingPointError(
-                f"training diverged: losses/{name} became NaN/inf at env step {bad} (seen at step {step})"
-            )
-        for network in ("actor", "critic"):  # parameters, optimizer state and running statistics
-            if not all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(getattr(agent, network))):
-                raise FloatingPointError(f"training diverged: the {network}'s state holds NaN/inf at env step {step}")
+                wandb.finish()
+                wandb.tensorboard.unpatch()  # a later writer in this process is not this run's
 
-    def log_eval(step: int) -> float:
-        returns = evaluate(agent.actor, eval_env, args.eval_episodes)
-        writer.add_scalar("eval/episodic_return", np.mean(returns), step)
-        print(
-            f"step={step} eval/episodic_return={np.mean(returns):.1f} +- {np.std(returns):.1f} "
-            f"({len(returns)} episodes)",
-            flush=True,
-        )
-        return float(np.mean(returns))
+    def log_progress(
+        self, step: int, learning: bool, episodic_return: float, agent: AgentState, metrics: Metrics
+    ) -> None:
+        """charts/SPS and, once learning, losses/<PROGRESS_METRICS> to TensorBoard; one plain line to stdout."""
+        sps = int(step / self.clock.seconds())
+        self.writer.add_scalar("charts/SPS", sps, step)
+        progress = f"step={step} SPS={sps} episodic_return={episodic_return:.1f} ETA={self.eta(step, learning)}"
+        if learning:
+            check_finite(step, agent, metrics)
+            values = {name: float(getattr(metrics, name)) for name in PROGRESS_METRICS}
+            for name, value in values.items():
+                self.writer.add_scalar(f"losses/{name}", value, step)
+            progress += "".join(f" {name}={values[name]:{spec}}" for name, spec in PROGRESS_METRICS.items() if spec)
+        else:
+            progress += f" (random actions until step {self.args.learning_starts})"
+        print(progress, flush=True)
 
-    def log_q_bias(step: int) -> None:
-        # Its own env, reseeded from the step, and its own key: training's env, keys and generators
-        # stay untouched, and a resumed run measures what an uninterrupted one does.
-        q_bias_env.reset(seed=args.seed + Q_BIAS_SEED_OFFSET + step)
-        key, dropout_key = jax.random.split(
-            jax.random.fold_in(jax.random.PRNGKey(args.seed + Q_BIAS_SEED_OFFSET), step)
-        )
-        alpha = float(jnp.exp(agent.log_alpha.params["log_alpha"]))
-        policy, critic = q_bias_policy(agent), q_bias_critic(agent, dropout_key)
-        stats = q_bias(q_bias_env, policy, critic, alpha, args.gamma, args.q_bias_samples, args.q_bias_cutoff, key)
-        for name, value in stats.items():
-            writer.add_scalar(f"eval/{name}", value, step)
-        print(
-            f"step={step} eval/q_bias_mean={stats['q_bias_mean']:.3f} eval/q_bias_std={stats['q_bias_std']:.3f} "
-            f"(over |mean MC|: {stats['q_bias_global_mean']:.3f} +- {stats['q_bias_global_std']:.3f}; "
-            f"Q {stats['q_value']:.2f} vs MC {stats['mc_return']:.2f} on {args.q_bias_samples} states)",
-            flush=True,
-        )
-
-    def save(step: int, trained_seconds: float) -> str:
-        check_finite(step)  # never replace a good checkpoint with a poisoned state
+    def checkpoint_if_due(
+        self, step: int, state: Callable[[], dict], eval_return: float, env: "EpisodeRecorder", eval_env: gym.Env
+    ) -> None:
+        """Every --checkpoint-freq env steps, and after SIGTERM/SIGINT, write runs/{name}/checkpoint.npz: the arrays
+        of `state()` and the current episode's actions, and beside them as JSON what the host holds (the env step,
+        the training seconds, the generators). After a signal, raise Preempted: the run ends (exit 128 + signum)."""
+        if not ((self.args.checkpoint_freq and step % self.args.checkpoint_freq == 0) or self.preemption):
+            return
+        arrays = {**state(), "episode_actions": env.episode_actions()}
+        check_finite(step, arrays["agent"], arrays["metrics"])  # never replace a good checkpoint with a poisoned state
         host_state = {
             "script": SCRIPT_NAME,
-            "run_name": run_name,
-            "args": dataclasses.asdict(args),
+            "run_name": self.name,
+            "args": dataclasses.asdict(self.args),
             "global_step": step,
-            "train_seconds": trained_seconds,
+            "train_seconds": self.clock.trained,
             "eval_return": eval_return,
-            "episode_start_rng": episode_start,
+            "episode_start_rng": env.start_state,
             "rngs": host_rngs(env, eval_env),
         }
-        path = os.path.join(run_dir, CHECKPOINT_FILE)
-        write_checkpoint(path, snapshot(), host_state)
-        return path
+        path = os.path.join(self.dir, CHECKPOINT_FILE)
+        write_checkpoint(path, arrays, host_state)
+        if self.preemption:
+            raise Preempted(self.preemption["signum"], path)
 
-    # SPS counts training time only: evaluation, Q-bias measurement and checkpointing are excluded.
-    clock_start, excluded_seconds = time.perf_counter() - train_seconds, 0.0
 
-    def train_clock() -> float:
-        return time.perf_counter() - clock_start - excluded_seconds
+class TrainClock:
+    """Seconds of training, for SPS and checkpoints: the wall clock since the start, less the time spent inside
+    `with clock.paused():` (evaluations, Q-bias measurements, checkpoints)."""
 
-    eta = time_left(args.total_timesteps)
-    preemption, restore_signal_handlers = catch_preemption()
+    def __init__(self, seconds_so_far: float = 0.0) -> None:
+        self.trained = seconds_so_far  # the training seconds when last paused (a resumed run's: its checkpoint's)
+        self.start()
+
+    def start(self) -> None:
+        """Count from now on, on top of the seconds `trained` so far."""
+        self.started, self.excluded = time.perf_counter() - self.trained, 0.0
+        self.paused_at = self.started
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started - self.excluded
+
+    def paused(self) -> "TrainClock":
+        return self
+
+    def __enter__(self) -> None:
+        self.paused_at, self.trained = time.perf_counter(), self.seconds()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.excluded += time.perf_counter() - self.paused_at
+
+
+def time_left(total_steps: int) -> Callable[[int, bool], str]:
+    """`eta(step, learning)`: the time left as H:MM:SS, at the wall-clock pace (evaluations and checkpoints
+    included) since the first progress line with learning on; `?` before it, since random actions run far faster."""
+    mark: list[tuple[int, float]] = []
+
+    def eta(step: int, learning: bool) -> str:
+        if step >= total_steps:
+            return "0:00:00"
+        if not learning:
+            return "?"
+        if not mark:
+            mark.append((step, time.perf_counter()))
+            return "?"
+        (start_step, start_time), now = mark[0], time.perf_counter()
+        seconds = round((now - start_time) / (step - start_step) * (total_steps - step))
+        return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+    return eta
+
+
+class EpisodeRecorder(gym.Wrapper):
+    """The training env, remembering what brings it back to where it is: its generator's state at the episode's
+    reset and the episode's actions since. Replayed from that reset, the actions restore the exact state of this
+    step (MuJoCo's full state is more than qpos/qvel): a checkpoint stores both, and a resumed run replays them."""
+
+    def __init__(self, env: gym.Env) -> None:
+        super().__init__(env)
+        self.start_state: dict | None = None
+        self.actions: list[np.ndarray] = []
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[Any, dict]:
+        # A seeded reset (the one that seeds the env) draws from its seed: no state to record before it.
+        self.start_state = None if seed is not None else generator_state(self.env.np_random)
+        self.actions = []
+        return self.env.reset(seed=seed, options=options)
+
+    def step(self, action: np.ndarray) -> tuple[Any, Any, bool, bool, dict]:
+        self.actions.append(action)
+        return self.env.step(action)
+
+    def episode_actions(self) -> np.ndarray:
+        return np.asarray(self.actions, np.float32).reshape(-1, self.action_space.shape[0])
+
+
+def save_model(agent: AgentState, run_dir: str, exp_name: str) -> str:
+    """--save-model: the actor, the critics and the target critics to runs/{run_name}/{exp_name}.crossq_model;
+    --eval-model reads it back."""
+    model_path = os.path.join(run_dir, exp_name + MODEL_SUFFIX)
+    with open(model_path, "wb") as f:
+        f.write(
+            flax.serialization.to_bytes(
+                {
+                    "actor": variables_of(agent.actor),
+                    "critic": variables_of(agent.critic),
+                    "target_critic": {"params": agent.critic.target_params},
+                }
+            )
+        )
+    print(f"model saved to {model_path}", flush=True)
+    return model_path
+
+
+# MACHINERY: checks that refuse a bad command line or env in one line, before any compute is spent
+def check_args(args: Args) -> None:
+    """Reject hyperparameters that are nonsensical or out of the range their use needs, naming the flag."""
+    positive = ["total_timesteps", "batch_size", "buffer_size", "critic_width", "actor_width"]
+    positive += ["utd", "policy_delay", "n_critics", "eval_episodes", "log_freq", "q_bias_samples", "q_bias_cutoff"]
+    for name in positive:
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
+    for name in ["learning_starts", "bn_warmup_steps", "eval_freq", "checkpoint_freq", "q_bias_freq"]:
+        if getattr(args, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must not be negative (got {getattr(args, name)})")
+    if not 0 <= args.seed <= SEED_MAX:
+        raise ConfigError(f"--seed must lie in [0, {SEED_MAX}], the seeds numpy accepts (got {args.seed})")
+    for name, choices in [("critic_activation", CRITIC_ACTIVATIONS), ("bn_mode", BN_MODES)]:
+        if getattr(args, name) not in choices:
+            flag = f"--{name.replace('_', '-')}"
+            raise ConfigError(f"{flag} must be one of {', '.join(choices)} (got {getattr(args, name)!r})")
+    if args.critic_activation == "glu" and args.critic_width % 2:
+        raise ConfigError(
+            f"--critic-activation glu halves each hidden layer's width: --critic-width must be even "
+            f"(got {args.critic_width})"
+        )
+    if not 1 <= args.target_subset_size <= args.n_critics:
+        raise ConfigError(
+            f"--target-subset-size must lie between 1 and --n-critics ({args.n_critics}) "
+            f"(got {args.target_subset_size})"
+        )
+    # The networks compute in float32: each float flag is checked as the float32 it becomes.
+    if not 0.0 < float32(args.bn_momentum) < 1.0:
+        raise ConfigError(f"--bn-momentum must lie in (0, 1) (got {with_float32(args.bn_momentum)})")
+    if not 0.0 < float32(args.tau) <= 1.0:
+        raise ConfigError(f"--tau must lie in (0, 1] (got {with_float32(args.tau)})")
+    if not 0.0 <= float32(args.dropout_rate) < 1.0:
+        raise ConfigError(f"--dropout-rate must lie in [0, 1) (got {with_float32(args.dropout_rate)})")
+    if not 0.0 <= float32(args.gamma) <= 1.0:
+        raise ConfigError(f"--gamma must lie in [0, 1] (got {with_float32(args.gamma)})")
+    if not 0.0 <= float32(args.adam_b1) < 1.0:
+        raise ConfigError(f"--adam-b1 must lie in [0, 1) (got {with_float32(args.adam_b1)})")
+    if not 0.0 < float32(args.learning_rate) < float("inf"):
+        raise ConfigError(f"--learning-rate must be positive and finite (got {with_float32(args.learning_rate)})")
+    # Env steps and update counts reach the jitted update as int32 (the BRN and Adam step counters too).
+    for name in ["total_timesteps", "bn_warmup_steps", "policy_delay", "utd"]:
+        if getattr(args, name) > INT32_MAX:
+            raise ConfigError(
+                f"--{name.replace('_', '-')} must be at most {INT32_MAX}, an int32 on the device "
+                f"(got {getattr(args, name)})"
+            )
+    updates = args.utd * max(args.total_timesteps - args.learning_starts, 0)
+    if updates > INT32_MAX:
+        raise ConfigError(
+            f"--utd {args.utd} x (--total-timesteps {args.total_timesteps} - --learning-starts {args.learning_starts}) "
+            f"is {updates} critic updates; their counters are int32 (at most {INT32_MAX})"
+        )
+    if args.learning_starts < args.batch_size:
+        raise ConfigError(
+            f"--learning-starts ({args.learning_starts}) must be at least --batch-size ({args.batch_size}): "
+            "the first update samples a full batch"
+        )
+    if args.buffer_size < args.batch_size:
+        raise ConfigError(f"--buffer-size ({args.buffer_size}) must be at least --batch-size ({args.batch_size})")
+
+
+def check_env(env_id: str, render: bool = False) -> tuple[int, int]:
+    """Fail fast on an env SAC cannot drive: unknown id, discrete actions, non-vector observations.
+    With `render` (--capture-video), render a frame too: a machine that cannot record says so now.
+    Returns the sizes of its observations and actions."""
     try:
-        # TRY NOT TO MODIFY: start the game
-        for global_step in range(start_step + 1, args.total_timesteps + 1):
-            # ALGO LOGIC: put action logic here
-            learning = global_step > args.learning_starts
-            if learning:
-                action, explore_key = explore(agent.actor, obs[None].astype(np.float32), explore_key)
-                action = np.asarray(action)[0]
-                if not np.isfinite(action).all():
-                    raise FloatingPointError(policy_diverged(global_step, metrics))
-            else:
-                action = env.action_space.sample()
-
-            next_obs, reward, terminated, truncated, info = env.step(action)
-            episode_actions.append(action)
-            if not (np.isfinite(reward) and np.isfinite(next_obs).all()):
-                raise FloatingPointError(
-                    f"{args.env_id} returned a NaN/inf observation or reward at env step {global_step}"
-                )
-            # Bootstrap through time-limit truncations: only a true terminal ends the return.
-            transition = Transition(
-                obs.astype(np.float32),
-                action.astype(np.float32),
-                np.float32(reward),
-                next_obs.astype(np.float32),
-                np.float32(terminated),
-            )
-            buffer = store(buffer, transition)
-            if learning:
-                key, update_key = jax.random.split(key)
-                agent, metrics = train_step(agent, buffer, metrics, update_key, global_step)
-
-            if terminated or truncated:
-                episodic_return = float(info["episode"]["r"])
-                writer.add_scalar("charts/episodic_return", episodic_return, global_step)
-                writer.add_scalar("charts/episodic_length", info["episode"]["l"], global_step)
-                episode_start = generator_state(env.np_random)
-                obs, _ = env.reset()
-                episode_actions = []
-            else:
-                obs = next_obs
-
-            if global_step % args.log_freq == 0:
-                sps = int(global_step / train_clock())
-                writer.add_scalar("charts/SPS", sps, global_step)
-                progress = f"step={global_step} SPS={sps} episodic_return={episodic_return:.1f} "
-                progress += f"ETA={eta(global_step, learning)}"
-                if learning:
-                    check_finite(global_step)
-                    for name in ["qf_loss", "qf_values", "actor_loss", "alpha", "alpha_loss"]:
-                        writer.add_scalar(f"losses/{name}", float(getattr(metrics, name)), global_step)
-                    progress += (
-                        f" qf_loss={float(metrics.qf_loss):.3f} "
-                        f"qf_values={float(metrics.qf_values):.2f} actor_loss={float(metrics.actor_loss):.3f} "
-                        f"alpha={float(metrics.alpha):.4f}"
-                    )
-                else:
-                    progress += f" (random actions until step {args.learning_starts})"
-                print(progress, flush=True)
-            pause, trained_seconds = time.perf_counter(), train_clock()
-            if (args.eval_freq and global_step % args.eval_freq == 0) or global_step == args.total_timesteps:
-                check_finite(global_step)
-                eval_return = log_eval(global_step)
-            if args.q_bias_freq and global_step % args.q_bias_freq == 0:
-                log_q_bias(global_step)
-            if args.checkpoint_freq and global_step % args.checkpoint_freq == 0:
-                save(global_step, trained_seconds)
-            if preemption:
-                raise Preempted(preemption["signum"], save(global_step, trained_seconds))
-            excluded_seconds += time.perf_counter() - pause
-    finally:
-        restore_signal_handlers()
-        writer.close()
-        env.close()
-        eval_env.close()  # writes the last video
-        if args.track:
-            wandb.finish()
-            wandb.tensorboard.unpatch()  # a later writer in this process is not this run's
-        if q_bias_env is not None:
-            q_bias_env.close()
-
-    if args.save_model:
-        model_path = os.path.join(run_dir, args.exp_name + MODEL_SUFFIX)
-        with open(model_path, "wb") as f:
-            f.write(
-                flax.serialization.to_bytes(
-                    {
-                        "actor": variables_of(agent.actor),
-                        "critic": variables_of(agent.critic),
-                        "target_critic": {"params": agent.critic.target_params},
-                    }
-                )
-            )
-        print(f"model saved to {model_path}", flush=True)
-    return {"eval_return": eval_return, "run_name": run_name}
+        # render_mode only when rendering: an env without one (the tests' envs) takes no such argument
+        env = gym_make(env_id, **({"render_mode": "rgb_array"} if render else {}))
+        if render:
+            env.reset(seed=0)
+            if np.ndim(frame := env.render()) != 3:
+                raise RuntimeError(f"render() gave {type(frame).__name__}, not an RGB image")
+    except gym.error.Error as e:  # unknown id, missing MuJoCo, bad version ...
+        raise ConfigError(f"cannot make env {env_id!r}: {e}") from None
+    except Exception as e:
+        if render or "MUJOCO_GL" in os.environ:  # MuJoCo without its OpenGL library: ImportError, AttributeError ...
+            raise ConfigError(
+                f"cannot render {env_id} with MUJOCO_GL={os.environ.get('MUJOCO_GL', '(unset)')} "
+                f"({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}); without a screen use "
+                "MUJOCO_GL=egl (Debian: apt-get install libegl1 libegl-mesa0 libgl1-mesa-dri) or MUJOCO_GL=osmesa "
+                "(apt-get install libosmesa6)"
+            ) from None
+        if not env_id.startswith(DMC_PREFIX):
+            raise
+        # dm_control built against another MuJoCo fails deep inside (e.g. a missing model field)
+        raise ConfigError(
+            f"cannot make env {env_id!r} ({type(e).__name__}: {e}); pip install -r requirements-dmc.txt "
+            "installs versions that work together"
+        ) from None
+    action_space, observation_space = env.action_space, env.observation_space
+    env.close()
+    if not isinstance(action_space, gym.spaces.Box):
+        raise ConfigError(
+            f"{env_id} has a {type(action_space).__name__} action space; SAC needs a continuous Box action space"
+        )
+    if not np.all(np.isfinite(action_space.low)) or not np.all(np.isfinite(action_space.high)):
+        raise ConfigError(f"{env_id} has an unbounded action space; SAC needs finite action bounds")
+    if not isinstance(observation_space, gym.spaces.Box) or len(observation_space.shape) != 1:
+        raise ConfigError(f"{env_id} needs flat vector observations (got {observation_space})")
+    return observation_space.shape[0], action_space.shape[0]
 
 
-# RANGES AND MEMORY: what a run needs, worked out from its flags before anything is allocated or compiled
+def check_optional_dependencies(args: Args) -> None:
+    """Flags that need an extra package say so before anything is trained. Call it before MuJoCo is
+    imported: --capture-video picks MuJoCo's renderer, which MuJoCo reads as it is imported."""
+    needs = {"track": ("wandb", "wandb"), "capture_video": ("moviepy", "moviepy")}
+    for flag, (module, package) in needs.items():
+        if getattr(args, flag):
+            try:
+                __import__(module)
+            except ImportError:
+                raise ConfigError(
+                    f"--{flag.replace('_', '-')} needs {package}: pip install -r requirements-extras.txt"
+                ) from None
+    if args.capture_video and sys.platform.startswith("linux"):
+        if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+            # No screen: MuJoCo must render offscreen, and EGL (Mesa's, on the CPU too) works headless.
+            os.environ.setdefault("MUJOCO_GL", "egl")
+
+
+DMC_PREFIX = "dm_control/"  # DeepMind Control Suite ids, as shimmy registers them (Appendix A.1 of the paper)
+
+
+def import_dm_control() -> None:
+    """Register the `dm_control/<domain>-<task>` ids (importing shimmy does), or say what to install."""
+    # dm_control picks its OpenGL backend once, on import. Training renders nothing: without a
+    # display, take headless EGL where its library exists and no backend otherwise, rather than
+    # GLFW, which wants a display. A MUJOCO_GL set by the user wins.
+    if "MUJOCO_GL" not in os.environ and not os.environ.get("DISPLAY"):
+        os.environ["MUJOCO_GL"] = "egl" if ctypes.util.find_library("EGL") else "disable"
+    try:
+        import dm_control.suite  # noqa: F401
+        import shimmy  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(
+            f"DeepMind Control envs need shimmy and dm-control ({e}): pip install -r requirements-dmc.txt"
+        ) from None
+
+
+def gym_make(env_id: str, **kwargs) -> gym.Env:
+    if env_id.startswith(DMC_PREFIX):
+        import_dm_control()
+    with warnings.catch_warnings():
+        # The paper's results are on the v4 MuJoCo envs, which gymnasium 1.x calls out of date at every make.
+        warnings.filterwarnings("ignore", message=".*is out of date", category=DeprecationWarning)
+        env = gym.make(env_id, **kwargs)
+    if isinstance(env.observation_space, gym.spaces.Dict):
+        # DeepMind Control observes a dict of arrays; the networks take one vector: each entry
+        # flattened (a scalar gives one number), in the Dict space's key order, which gymnasium
+        # sorts alphabetically (as the authors' SB3 MultiInputPolicy concatenates them).
+        env = gym.wrappers.FlattenObservation(env)
+    return env
+
+
+# Ranges and memory: what a run needs, worked out from its flags before anything is allocated or compiled
 INT32_MAX = 2**31 - 1  # env steps, update counters and buffer positions are int32 on the device
 SEED_MAX = 2**32 - 1  # np.random.seed's limit; gymnasium and JAX take more (the eval env gets seed + 10_000)
 FLOAT32_BYTES = 4
@@ -1726,6 +1584,259 @@ def policy_diverged(step: int, metrics: Metrics) -> str:
         loss = LOSS_NAMES[int(metrics.nonfinite_loss)]
         message += f" (losses/{loss} became NaN/inf at env step {int(metrics.nonfinite_step)})"
     return message
+
+
+def check_finite(step: int, agent: AgentState, metrics: Metrics) -> None:
+    """Stop a diverged run (FloatingPointError: exit 1) on a NaN/inf loss the update flagged or NaN/inf anywhere
+    in the actor's or critic's state. Called where the host reads the state anyway: progress, evaluation, checkpoint."""
+    bad = int(metrics.nonfinite_step)
+    if bad >= 0:
+        name = LOSS_NAMES[int(metrics.nonfinite_loss)]
+        raise FloatingPointError(
+            f"training diverged: losses/{name} became NaN/inf at env step {bad} (seen at step {step})"
+        )
+    for network in ("actor", "critic"):  # parameters, optimizer state and running statistics
+        if not all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(getattr(agent, network))):
+            raise FloatingPointError(f"training diverged: the {network}'s state holds NaN/inf at env step {step}")
+
+
+# MACHINERY: checkpoint files: everything a run needs to continue exactly where it stopped
+class Preempted(Exception):
+    """SIGTERM or SIGINT arrived; a checkpoint has been written."""
+
+    def __init__(self, signum: int, checkpoint: str):
+        super().__init__(f"stopped by {signal.Signals(signum).name}; checkpoint written to {checkpoint}")
+        self.signum, self.checkpoint = signum, checkpoint
+
+
+# DeepMind Control envs (through shimmy) draw from a legacy np.random.RandomState, not a Generator.
+def generator_state(generator: np.random.Generator | np.random.RandomState) -> dict:
+    if isinstance(generator, np.random.RandomState):
+        return generator.get_state(legacy=False)
+    return generator.bit_generator.state
+
+
+def set_generator_state(generator: np.random.Generator | np.random.RandomState, state: dict) -> None:
+    if isinstance(generator, np.random.RandomState):
+        generator.set_state(state)
+    else:
+        generator.bit_generator.state = state
+
+
+def host_rngs(env: gym.Env, eval_env: gym.Env) -> dict:
+    """Host random states beside the env's own (which each episode records at its reset)."""
+    return {
+        "action_space": generator_state(env.action_space.np_random),
+        "eval_env": generator_state(eval_env.np_random),
+        "numpy": np.random.get_state(legacy=False),
+        "python": random.getstate(),
+    }
+
+
+def set_host_rngs(states: dict, env: gym.Env, eval_env: gym.Env) -> None:
+    set_generator_state(env.action_space.np_random, states["action_space"])
+    set_generator_state(eval_env.np_random, states["eval_env"])
+    np.random.set_state(states["numpy"])
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def checkpoint_file(path: str) -> str:
+    return os.path.join(path, CHECKPOINT_FILE) if os.path.isdir(path) else path
+
+
+def write_checkpoint(path: str, device_state: dict, host_state: dict) -> None:
+    """Write arrays and host state to `path` atomically: a kill at any moment, mid-write
+    included, leaves the previous checkpoint in place (write a temporary file, then rename)."""
+    arrays = flax.traverse_util.flatten_dict(flax.serialization.to_state_dict(jax.device_get(device_state)), sep="/")
+    arrays = {path: x for path, x in arrays.items() if x is not None}  # -TN's absent targets: nothing to store
+    meta = np.frombuffer(json.dumps(host_state, default=np.ndarray.tolist).encode(), np.uint8)
+    tmp_path = path + ".tmp"
+    try:
+        with open(tmp_path, "wb") as f:
+            np.savez(f, __host_state__=meta, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except OSError as e:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise ConfigError(f"cannot write checkpoint {path}: {e.strerror}") from None
+
+
+def read_checkpoint(path: str, with_arrays: bool = True) -> tuple[dict, dict]:
+    """({"agent/critic/params/...": array}, host state) of a checkpoint of this script; one-line errors
+    otherwise. `with_arrays=False` reads the host state alone (the archive's members load lazily)."""
+    path = checkpoint_file(path)
+    if not os.path.exists(path):
+        raise ConfigError(f"no checkpoint at {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            host_state = json.loads(data["__host_state__"].tobytes())
+            names = [name for name in data.files if name != "__host_state__"] if with_arrays else []
+            arrays = {name: data[name] for name in names}
+    except Exception as e:  # a truncated or foreign file fails in many ways inside zipfile and numpy
+        raise ConfigError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if host_state.get("script") != SCRIPT_NAME:
+        raise ConfigError(f"{path} was written by {host_state.get('script')}, not by {SCRIPT_NAME}")
+    if set(host_state["args"]) != {field.name for field in dataclasses.fields(Args)}:
+        raise ConfigError(f"{path} was written by another version of {SCRIPT_NAME}: its flags differ")
+    return arrays, host_state
+
+
+def restore(template: Any, arrays: dict) -> Any:
+    """`template` (a pytree of the right structure) with its leaves taken from a checkpoint's arrays."""
+    flat = flax.traverse_util.flatten_dict(flax.serialization.to_state_dict(template), sep="/", keep_empty_nodes=True)
+    absent = lambda leaf: leaf is None or leaf is flax.traverse_util.empty_node  # (None: -TN has no targets)
+    missing = [path for path, leaf in flat.items() if not absent(leaf) and path not in arrays]
+    if missing:
+        raise ConfigError(f"the checkpoint lacks {missing[0]}")
+    state = flax.traverse_util.unflatten_dict({path: arrays.get(path, leaf) for path, leaf in flat.items()}, sep="/")
+    return flax.serialization.from_state_dict(template, state)
+
+
+def check_resume(args: Args, host_state: dict) -> None:
+    """A resumed run keeps its env and hyperparameters; only RESUMABLE_FLAGS may change."""
+    saved, step = host_state["args"], host_state["global_step"]
+    if args.total_timesteps <= step:
+        raise ConfigError(f"the checkpoint is at env step {step}: pass a --total-timesteps above it to continue")
+    if args.env_id != saved["env_id"]:
+        raise ConfigError(f"the checkpoint is of a run on {saved['env_id']}, not on {args.env_id}")
+    changed = [name for name, value in dataclasses.asdict(args).items() if name not in RESUMABLE_FLAGS]
+    changed = [name for name in changed if saved.get(name) != getattr(args, name)]
+    if changed:
+        name = changed[0]
+        raise ConfigError(
+            f"--{name.replace('_', '-')} is {saved.get(name)} in the checkpoint, not {getattr(args, name)}: "
+            "a resumed run keeps its hyperparameters"
+        )
+
+
+def replay_episode(env: gym.Env, start_state: dict, actions: np.ndarray) -> np.ndarray:
+    """Bring `env` to where the interrupted run was: same reset draw, then the same actions."""
+    set_generator_state(env.np_random, start_state)
+    obs, _ = env.reset()
+    for action in actions:
+        obs, *_ = env.step(action)
+    return obs
+
+
+def catch_preemption() -> tuple[dict, Callable[[], None]]:
+    """SIGTERM/SIGINT set a flag the loop checks once per step; a second signal exits at once."""
+    received: dict[str, int] = {}
+
+    def handler(signum, frame):
+        if received:
+            print(f"\n{signal.Signals(signum).name} again: exiting without a checkpoint", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        received["signum"] = signum
+        print(f"\n{signal.Signals(signum).name}: writing a checkpoint, then exiting", file=sys.stderr, flush=True)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    return received, lambda: [signal.signal(sig, h) for sig, h in previous.items()]
+
+
+# MACHINERY: --eval-model, the evaluation of a saved model
+EVAL_FLAGS = {"eval_model", "eval_episodes", "seed", "capture_video"}  # what applies to --eval-model
+
+
+def check_eval_flags(args: Args, defaults: Args) -> None:
+    """--eval-model uses the saved run's networks and env: a training flag beside it is a mistake, said so."""
+    for field in dataclasses.fields(Args):
+        if field.name not in EVAL_FLAGS and getattr(args, field.name) != getattr(defaults, field.name):
+            raise ConfigError(
+                f"--{field.name.replace('_', '-')} does not go with --eval-model: the saved run's hyperparameters "
+                "are used (only --eval-episodes, --seed and --capture-video apply)"
+            )
+
+
+def read_saved_model(path: str) -> tuple[Args, dict, str]:
+    """(the run's Args, its actor's variables, its run name) from a run directory, the file --save-model
+    wrote, or a checkpoint; a one-line error for anything else."""
+    if not os.path.exists(path):
+        raise ConfigError(f"--eval-model: no such file or directory: {path}")
+    if os.path.isdir(path):
+        try:
+            with open(os.path.join(path, ARGS_FILE)) as f:
+                exp_name = json.load(f)["exp_name"]
+        except (OSError, ValueError, KeyError):
+            exp_name = SCRIPT_NAME
+        model = os.path.join(path, exp_name + MODEL_SUFFIX)
+        if os.path.exists(model):
+            path = model
+        elif os.path.exists(os.path.join(path, CHECKPOINT_FILE)):
+            path = os.path.join(path, CHECKPOINT_FILE)
+        else:
+            raise ConfigError(f"{path} holds neither a model saved with --save-model nor a {CHECKPOINT_FILE}")
+    if path.endswith(MODEL_SUFFIX):
+        run_dir = os.path.dirname(os.path.abspath(path))
+        try:
+            with open(os.path.join(run_dir, ARGS_FILE)) as f:
+                saved_args = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{path} needs its run's {ARGS_FILE} beside it ({e})") from None
+        try:
+            with open(path, "rb") as f:
+                actor = flax.serialization.msgpack_restore(f.read())["actor"]
+        except Exception as e:  # a truncated or foreign file fails in many ways inside msgpack
+            raise ConfigError(f"{path} is not a readable model file ({type(e).__name__}: {e})") from None
+        run_name = os.path.basename(run_dir)
+    else:
+        arrays, host_state = read_checkpoint(path)
+        prefix = "agent/actor/"
+        actor = {name[len(prefix) :]: value for name, value in arrays.items() if name.startswith(prefix)}
+        # A checkpoint's flat names drop an empty `batch_stats` (an actor without normalisation): put it back.
+        actor = {"batch_stats": {}, **flax.traverse_util.unflatten_dict(actor, sep="/")}
+        saved_args, run_name = host_state["args"], host_state["run_name"]
+    known = {field.name for field in dataclasses.fields(Args)}
+    return Args(**{name: value for name, value in saved_args.items() if name in known}), actor, run_name
+
+
+def evaluate_model(args: Args) -> dict:
+    """--eval-model: `--eval-episodes` episodes of the saved deterministic policy; prints their mean and std."""
+    if args.eval_episodes <= 0:
+        raise ConfigError(f"--eval-episodes must be positive (got {args.eval_episodes})")
+    if not 0 <= args.seed <= SEED_MAX:
+        raise ConfigError(f"--seed must lie in [0, {SEED_MAX}], the seeds numpy accepts (got {args.seed})")
+    check_optional_dependencies(dataclasses.replace(args, track=False))  # first: it may pick MuJoCo's renderer
+    saved_args, saved_actor, run_name = read_saved_model(args.eval_model)
+    check_env(saved_args.env_id, render=args.capture_video)
+    # Seeded as the training run's evaluations are: a run evaluated only at its end gets the same returns.
+    eval_seed = args.seed + 10_000
+    env = make_env(saved_args.env_id, eval_seed, args.capture_video, f"{run_name}-eval")()
+    env.reset(seed=eval_seed)
+    agent = create_agent(saved_args, env.observation_space.shape[0], env.action_space.shape[0], jax.random.PRNGKey(0))
+    template = variables_of(agent.actor)
+    try:
+        actor = agent.actor.replace(**flax.serialization.from_state_dict(template, saved_actor))
+        shapes_match = jax.tree.map(lambda a, b: np.shape(a) == np.shape(b), template, variables_of(actor))
+    except (KeyError, ValueError, TypeError) as e:
+        raise ConfigError(f"{args.eval_model} does not hold an actor of its run's shape ({e})") from None
+    if not all(jax.tree.leaves(shapes_match)):
+        raise ConfigError(f"{args.eval_model} does not hold an actor of its run's shape")
+    try:
+        returns = evaluate(actor, env, args.eval_episodes)
+    finally:
+        env.close()  # writes the last video
+    print(
+        f"{run_name} on {saved_args.env_id}: eval/episodic_return={np.mean(returns):.1f} +- {np.std(returns):.1f} "
+        f"({len(returns)} episodes of the deterministic policy, seed {eval_seed})",
+        flush=True,
+    )
+    video_folder = os.path.join("videos", f"{run_name}-eval") if args.capture_video else None
+    if video_folder:
+        print(f"videos of the episodes in {video_folder}", flush=True)
+    return {"eval_return": float(np.mean(returns)), "returns": returns, "video_folder": video_folder}
+
+
+# MACHINERY: the command line
+# The hyperparameters in which the presets differ (exp_name aside: it only names the run). With
+# --resume, a preset word stands for these values and must agree with the checkpoint.
+PRESET_FIELDS = [
+    field.name
+    for field in dataclasses.fields(Args)
+    if field.name != "exp_name" and len({getattr(args, field.name) for _, args in PRESETS.values()}) > 1
+]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Args:
