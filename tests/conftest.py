@@ -8,18 +8,19 @@ import sys
 import tempfile
 from pathlib import Path
 
+import gymnasium as gym
+import numpy as np
+import pytest
+
 # Most of a short test run is XLA compiling the same update again: in each script subprocess, and in
 # each in-process train() (its jitted closures are new functions). JAX's persistent compilation cache,
 # one per test session, turns every compile after the first into a file read. Set before JAX is
-# imported, so that this process and every script the tests start (they inherit the environment) use it.
+# imported (the imports above don't import it), so that this process and every script the tests
+# start (they inherit the environment) use it.
 JAX_CACHE = tempfile.mkdtemp(prefix="jax-compilation-cache-")
 os.environ["JAX_COMPILATION_CACHE_DIR"] = JAX_CACHE
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-
-import gymnasium as gym
-import numpy as np
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ["crossq_jax.py", "crossq_td3_jax.py", "sac_jax.py"]
