@@ -453,8 +453,9 @@ def create_agent(args: Args, obs_dim: int, action_dim: int, key: jax.Array) -> A
     critic = CriticEnsemble(args.n_critics, args.critic_width, args.critic_activation, args.bn_mode, **norm)
     actor_key, critic_key = jax.random.split(key)
     obs, actions = jnp.zeros((1, obs_dim)), jnp.zeros((1, action_dim))
-    actor_vars = actor.init(actor_key, obs, train=False)
-    critic_vars = critic.init(critic_key, obs, actions, train=False)
+    # Each init is one jitted call: run eagerly, every op of the forward pass would be compiled on its own.
+    actor_vars = jax.jit(actor.init, static_argnames="train")(actor_key, obs, train=False)
+    critic_vars = jax.jit(critic.init, static_argnames="train")(critic_key, obs, actions, train=False)
     adam = optax.adam(args.learning_rate, b1=args.adam_b1)
     # TD3 baseline only: the targets start as copies (buffers of their own: the live ones get donated).
     target_actor = actor_vars["params"] if args.target_schedule == "fujimoto" else None
@@ -1410,6 +1411,12 @@ def policy_diverged(step: int, metrics: Metrics) -> str:
     return message
 
 
+@jax.jit
+def all_finite(tree) -> jax.Array:
+    """Whether no array of `tree` holds a NaN/inf: one device call for a whole network's state."""
+    return jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]).all()
+
+
 def check_finite(step: int, agent: AgentState, metrics: Metrics) -> None:
     """Stop a diverged run (FloatingPointError: exit 1) on a NaN/inf loss the update flagged or NaN/inf anywhere
     in the actor's or critic's state. Called where the host reads the state anyway: progress, evaluation, checkpoint."""
@@ -1420,7 +1427,7 @@ def check_finite(step: int, agent: AgentState, metrics: Metrics) -> None:
             f"training diverged: losses/{name} became NaN/inf at env step {bad} (seen at step {step})"
         )
     for network in ("actor", "critic"):  # parameters, optimizer state and running statistics
-        if not all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(getattr(agent, network))):
+        if not bool(all_finite(getattr(agent, network))):
             raise FloatingPointError(f"training diverged: the {network}'s state holds NaN/inf at env step {step}")
 
 
