@@ -1,6 +1,7 @@
 """Helpers shared by the tests of the three training scripts."""
 
 import importlib
+import json
 import os
 import shutil
 import subprocess
@@ -24,6 +25,26 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ["crossq_jax.py", "crossq_td3_jax.py", "sac_jax.py"]
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Order and group the tests for the two worker processes of README's command (`-n 2`).
+
+    The learning checks (minutes each) go first, so that they run beside the many short tests instead
+    of after them, with one worker waiting alone for the last. The tests that share a module-scoped
+    fixture (one training run per script, say) are grouped by it and its parameter, so that
+    `--dist loadgroup` (pyproject.toml) sends each group to one worker and the fixture is made once,
+    not once per worker."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: the rest keep their order
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        fixtures = item._fixtureinfo.name2fixturedefs
+        shared = [name for name, definitions in fixtures.items() if definitions[-1].scope == "module"]
+        # A parametrized one decides (a fixture built on it is made once per value too); else the first.
+        group = [f"{name}={params[name]}" for name in shared if name in params] or shared[:1]
+        if group:
+            item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}:{','.join(group)}"))
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -56,6 +77,52 @@ def run_script(script: str, *args: str, cwd: Path, timeout: float = 600) -> subp
         text=True,
         timeout=timeout,
     )
+
+
+# Sets `sys.argv` and runs the file as `__main__` for each input, catching its exit status and stderr.
+MAIN_WITH_EACH = r"""
+import contextlib, io, json, os, resource, runpy, signal, sys, traceback
+script, inputs = sys.argv[1], json.loads(sys.argv[2])
+# Should a refusal regress, the run would try to take terabytes or train for hours: let it fail
+# inside 8 GiB and 120 s instead of taking the memory and time of the machine the tests share.
+resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
+def not_refused(signum, frame):
+    raise TimeoutError("still running after 120 s: the run was not refused")
+signal.signal(signal.SIGALRM, not_refused)
+results = {}
+for name, argv in inputs.items():
+    before, stderr = set(os.listdir(".")), io.StringIO()
+    sys.argv = [script, *argv]
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            signal.alarm(120)
+            runpy.run_path(script, run_name="__main__")
+            status = 0
+        except SystemExit as e:
+            status = e.code
+        except BaseException:
+            traceback.print_exc()
+            status = "uncaught exception"
+        signal.alarm(0)
+    results[name] = {"status": status, "stderr": stderr.getvalue(), "new": sorted(set(os.listdir(".")) - before)}
+print(json.dumps(results))
+"""
+
+
+def run_main_with_each(script: str, inputs: dict[str, list[str]], cwd: Path, timeout: float = 1200) -> dict:
+    """Each command line of `inputs` given to `script` as `python script.py ...` would, all in one Python
+    process (the imports are paid once): {input id: {"status": exit status, "stderr": ..., "new": files
+    it left in `cwd`}}. For the refusals, which must exit before any compute."""
+    process = subprocess.run(
+        [sys.executable, "-c", MAIN_WITH_EACH, str(REPO / script), json.dumps(inputs)],
+        cwd=cwd,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONWARNINGS": "ignore"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert process.returncode == 0, process.stderr[-3000:]
+    return json.loads(process.stdout.splitlines()[-1])
 
 
 def run_dirs(cwd: Path) -> list[Path]:
@@ -119,3 +186,4 @@ class BadRewardAfter(gym.Env):
 # 1e30 whose squared TD error overflows float32 (a loss that diverges).
 gym.register("NaNRewardAfter300-v0", entry_point=BadRewardAfter)
 gym.register("HugeRewardAfter300-v0", entry_point=lambda: BadRewardAfter(300, 1e30))
+gym.register("HugeRewardAfter100-v0", entry_point=lambda: BadRewardAfter(100, 1e30))  # for a checkpoint every step

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, read_scalars, run_dirs, run_script
+from conftest import REPO, read_scalars, run_dirs, run_main_with_each, run_script
 
 SCRIPTS = ["crossq_jax.py", "crossq_td3_jax.py", "sac_jax.py"]
 POLICY_DELAY = {"crossq_jax.py": 3, "crossq_td3_jax.py": 3, "sac_jax.py": 1}  # their defaults
@@ -150,44 +150,44 @@ def test_the_checkpoint_holds_the_update_and_brn_step_counters(reference):
             assert counters and all((np.asarray(c) == updates).all() for c in counters), network
 
 
-@pytest.mark.parametrize(
-    "spoil,message",
-    [
-        ("garbage", "is not a readable checkpoint"),
-        ("truncated", "is not a readable checkpoint"),
-        ("other_script", "was written by another_script"),
-        ("other_env", "the checkpoint is of a run on Pendulum-v1, not on Hopper-v4"),
-        ("other_width", "--critic-width is 32 in the checkpoint, not 64"),
-        ("missing", "no checkpoint at"),
-        ("too_short", "the checkpoint is at env step 910: pass a --total-timesteps above it"),
-    ],
-)
-def test_bad_checkpoints_are_refused_with_one_line(reference, tmp_path, spoil, message):
+SPOILED = {  # what is wrong with the checkpoint (or the command line beside it): the line that says so
+    "garbage": "is not a readable checkpoint",
+    "truncated": "is not a readable checkpoint",
+    "other_script": "was written by another_script",
+    "other_env": "the checkpoint is of a run on Pendulum-v1, not on Hopper-v4",
+    "other_width": "--critic-width is 32 in the checkpoint, not 64",
+    "missing": "no checkpoint at",
+    "too_short": "the checkpoint is at env step 910: pass a --total-timesteps above it",
+}
+
+
+@pytest.fixture(scope="module")
+def refused_resumes(reference, tmp_path_factory) -> dict:
+    """`--resume` of each spoiled copy of the reference run's checkpoint, all given to the script in one
+    process: {spoil: its exit status and stderr}."""
     script, _, run_dir = reference
-    module = module_of(script)
+    module, folder = module_of(script), tmp_path_factory.mktemp("spoiled")
     good = run_dir / module.CHECKPOINT_FILE
-    bad = tmp_path / "bad.npz"
-    extra = []
-    if spoil == "garbage":
-        bad.write_bytes(os.urandom(4096))
-    elif spoil == "truncated":
-        bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    elif spoil == "other_script":
-        arrays, host_state = module.read_checkpoint(str(good))
-        module.write_checkpoint(str(bad), arrays, {**host_state, "script": "another_script"})
-    elif spoil == "missing":
-        bad = tmp_path
-    else:
-        bad = good
-        extra = {
-            "other_env": ["--env-id", "Hopper-v4"],
-            "other_width": ["--critic-width", "64"],
-            "too_short": ["--total-timesteps", "900"],
-        }[spoil]
-    result = run_script(script, "--resume", str(bad), *extra, cwd=tmp_path)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    (folder / "garbage.npz").write_bytes(os.urandom(4096))
+    (folder / "truncated.npz").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    arrays, host_state = module.read_checkpoint(str(good))
+    module.write_checkpoint(str(folder / "other_script.npz"), arrays, {**host_state, "script": "another_script"})
+    (folder / "empty").mkdir()
+    inputs = {spoil: ["--resume", str(folder / f"{spoil}.npz")] for spoil in ["garbage", "truncated", "other_script"]}
+    inputs["missing"] = ["--resume", str(folder / "empty")]
+    inputs["other_env"] = ["--resume", str(good), "--env-id", "Hopper-v4"]
+    inputs["other_width"] = ["--resume", str(good), "--critic-width", "64"]
+    inputs["too_short"] = ["--resume", str(good), "--total-timesteps", "900"]
+    return run_main_with_each(script, inputs, cwd=folder)
+
+
+@pytest.mark.parametrize("spoil", SPOILED)
+def test_bad_checkpoints_are_refused_with_one_line(refused_resumes, spoil):
+    result = refused_resumes[spoil]
+    assert result["status"] == 2, result["stderr"]
+    lines = result["stderr"].strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and SPOILED[spoil] in lines[0], result["stderr"]
+    assert result["new"] == []  # refused before a run folder is made
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -2,20 +2,15 @@
 
 Each script gets every input below on its command line and must exit with status 2, print exactly
 one line on stderr and leave no new file or folder behind. To keep this cheap, one Python process
-per script feeds it all the inputs in turn: HARNESS sets `sys.argv` and runs the file as `__main__`
-(what `python script.py ...` does), catching the exit status and the stderr of each input.
+per script feeds it all the inputs in turn (conftest.run_main_with_each).
 A run that diverges is refused differently: exit 1, with a line that blames the training, not the env.
 """
 
 import functools
-import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, run_script
+from conftest import run_main_with_each, run_script
 
 SCRIPTS = ["crossq_jax.py", "crossq_td3_jax.py", "sac_jax.py"]
 
@@ -70,34 +65,6 @@ REFUSED_ENVS = {
 }
 CASES = [(script, name) for script in SCRIPTS for name in [*REFUSED, *REFUSED_BY_SCRIPT[script]]]
 
-HARNESS = r"""
-import contextlib, io, json, os, resource, runpy, signal, sys, traceback
-script, inputs = sys.argv[1], json.loads(sys.argv[2])
-# Should a refusal regress, the run would try to take terabytes or train for hours: let it fail
-# inside 8 GiB and 120 s instead of taking the memory and time of the machine the tests share.
-resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
-def not_refused(signum, frame):
-    raise TimeoutError("still running after 120 s: the run was not refused")
-signal.signal(signal.SIGALRM, not_refused)
-results = {}
-for name, argv in inputs.items():
-    before, stderr = set(os.listdir(".")), io.StringIO()
-    sys.argv = [script, *argv]
-    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            signal.alarm(120)
-            runpy.run_path(script, run_name="__main__")
-            status = 0
-        except SystemExit as e:
-            status = e.code
-        except BaseException:
-            traceback.print_exc()
-            status = "uncaught exception"
-        signal.alarm(0)
-    results[name] = {"status": status, "stderr": stderr.getvalue(), "new": sorted(set(os.listdir(".")) - before)}
-print(json.dumps(results))
-"""
-
 
 @pytest.fixture(scope="module")
 def refusals(tmp_path_factory):
@@ -111,16 +78,7 @@ def refusals(tmp_path_factory):
                 **REFUSED_BY_SCRIPT[script],
                 **{name: argv for name, (argv, _) in REFUSED_ENVS.items()},
             }
-            process = subprocess.run(
-                [sys.executable, "-c", HARNESS, str(REPO / script), json.dumps(inputs)],
-                cwd=tmp_path_factory.mktemp("refusals"),
-                env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONWARNINGS": "ignore"},
-                capture_output=True,
-                text=True,
-                timeout=1200,
-            )
-            assert process.returncode == 0, process.stderr[-3000:]
-            results[script] = json.loads(process.stdout.splitlines()[-1])
+            results[script] = run_main_with_each(script, inputs, cwd=tmp_path_factory.mktemp("refusals"))
         return results[script]
 
     return of
