@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SCRIPTS, module_of, read_scalars, run_dirs, train_in
+from conftest import OPTIMISED_XLA, SCRIPTS, module_of, read_scalars, run_dirs, train_in
 
 CROSSQ_SCRIPTS = ["crossq_jax.py", "crossq_td3_jax.py"]  # the two with Batch Renormalization
 SAC_BASED = ["crossq_jax.py", "sac_jax.py"]  # a tanh-Gaussian actor and a learned entropy coefficient
@@ -408,6 +408,7 @@ def test_each_script_learns_to_swing_the_pendulum_up(script, finished_run):
         script,
         *["--env-id", "Pendulum-v1", "--seed", "1", "--learning-starts", "1000", *LEARNING[script]],
         *["--eval-freq", "1000", "--eval-episodes", "10", "--log-freq", "1000"],
+        env=OPTIMISED_XLA,
     )
     evals = dict(scalars["eval/episodic_return"])
     assert evals[1000] < -600, evals  # the untrained policy lets it hang ...
