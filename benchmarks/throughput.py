@@ -3,6 +3,7 @@
     pip install -r requirements.txt -r benchmarks/requirements.txt
     python benchmarks/throughput.py                       # widths 256 and 2048, all scripts, with sbx
     python benchmarks/throughput.py --widths 256 --steps 300 --scripts crossq --no-peer
+    python benchmarks/throughput.py --widths 256 --baseline ../before   # before/after: a worktree at an older commit
 
 For every script (sac_jax.py once per preset) and critic width: (1) our loop as users run it, the script in
 a subprocess, timed from the wall times of its TensorBoard `charts/SPS` events over sub-windows of env steps
@@ -76,12 +77,13 @@ def load_script(script: str):
     return sys.modules[name]
 
 
-def run_ours(script: str, argv: list[str], bounds: list[int]) -> np.ndarray:
-    """Seconds per env step of the script's own loop in each sub-window (its charts/SPS event wall times)."""
+def run_ours(script: str, argv: list[str], bounds: list[int], repo: Path = REPO) -> np.ndarray:
+    """Seconds per env step of the script's own loop in each sub-window (its charts/SPS event wall times);
+    `repo`: the checkout whose copy of the script runs (this one, or --baseline's)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     with tempfile.TemporaryDirectory(prefix="throughput-") as cwd:
-        command = [sys.executable, str(REPO / script), *argv]
+        command = [sys.executable, str(repo / script), *argv]
         result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT)
         if result.returncode != 0:
             tail = (result.stderr.strip() or result.stdout.strip()).splitlines()[-3:]
@@ -255,6 +257,8 @@ def measure(name: str, width: int, steps: int, options, peer_rows: dict) -> list
         key = (variant.peer, options.env_id, repr(settings))  # crossq_td3 gets the sbx CrossQ row of crossq
         reused, row = key in peer_rows, {"script": name, "width": width, "impl": f"sbx {variant.peer}", "utd": args.utd}
         peer = peer_rows.setdefault(key, row)
+    baseline, baseline_loop = {"script": name, "width": width, "utd": args.utd}, []
+    baseline["impl"] = f"{ours['impl']} at {commit_of(options.baseline)}" if options.baseline else ""
     try:
         parts, loop = Parts(module, args), []
         for _ in range(ROUNDS // 2):
@@ -262,6 +266,9 @@ def measure(name: str, width: int, steps: int, options, peer_rows: dict) -> list
         for repeat in range(options.repeats):
             loop.extend(seconds := run_ours(variant.script, argv, bounds))
             log(f"    run {repeat + 1}: {ours['impl']} {1 / np.median(seconds):.1f} env steps/s")
+            if options.baseline:
+                baseline_loop.extend(seconds := run_ours(variant.script, argv, bounds, options.baseline))
+                log(f"    run {repeat + 1}: {baseline['impl']} {1 / np.median(seconds):.1f} env steps/s")
             if peer is not None and not reused and "error" not in peer:
                 try:
                     measured = run_peer(variant.peer, options.env_id, settings, bounds)
@@ -283,7 +290,10 @@ def measure(name: str, width: int, steps: int, options, peer_rows: dict) -> list
     if peer is not None or variant.peer is None:
         ours["note"] = variant.note + (" (the sbx row above)" if reused else "")
     ours["peer"] = peer or {}
-    return [ours] if peer is None or reused else [ours, peer]
+    if baseline_loop and "step" in ours:  # its loop only: the part columns stay empty
+        step = float(np.median(baseline_loop))
+        baseline |= {"step": step, "ratio": step / ours["step"], "note": "(ours / this row: the baseline)"}
+    return [ours] + ([peer] if peer is not None and not reused else []) + ([baseline] if "step" in baseline else [])
 
 
 def log(message: str) -> None:
@@ -292,6 +302,9 @@ def log(message: str) -> None:
 
 def ms(seconds: float | None) -> str:
     return "" if seconds is None else f"{seconds * 1e3:.2f} ms"
+
+
+PART_COLUMNS = ("env.step", "action", "critic", "actor", "update")  # a --baseline row has none of them
 
 
 def table(rows: list[dict]) -> list[str]:
@@ -305,15 +318,21 @@ def table(rows: list[dict]) -> list[str]:
         if "step" not in row:
             lines.append(f"{head} failed: {row.get('error', 'not measured')} |" + " |" * 9)
             continue
-        step, update = row["step"], row["update"]
-        ratio = f"{row['peer']['step'] / step:.2f}x" if "step" in row.get("peer", {}) else ""
+        step, (env, action, critic, actor, update) = row["step"], [row.get(k) for k in PART_COLUMNS]
+        other = None if None in (env, action, update) else step - env - action - update
+        share = "" if update is None else f"{update / step:.0%}"
+        ratio = row.get("ratio") or (row["peer"]["step"] / step if "step" in row.get("peer", {}) else None)
+        ratio = "" if ratio is None else f"{ratio:.2f}x"
         lines.append(
-            f"{head} {1 / step:.1f} | {row['utd'] / step:.1f} | {ms(row['env.step'])} | {ms(row['action'])} "
-            f"| {ms(row.get('critic'))} | {ms(row.get('actor'))} | {ms(update)} "
-            f"| {ms(step - row['env.step'] - row['action'] - update)} | {update / step:.0%} "
-            f"| {' '.join(filter(None, [ratio, row.get('note', '')]))} |"
+            f"{head} {1 / step:.1f} | {row['utd'] / step:.1f} | {ms(env)} | {ms(action)} | {ms(critic)} | {ms(actor)} "
+            f"| {ms(update)} | {ms(other)} | {share} | {' '.join(filter(None, [ratio, row.get('note', '')]))} |"
         )
     return lines
+
+
+def commit_of(repo: Path) -> str:
+    git = ["git", "describe", "--always", "--dirty= with uncommitted changes"]
+    return subprocess.run(git, cwd=repo, capture_output=True, text=True).stdout.strip() or "unknown"
 
 
 def hardware(peer: bool) -> str:
@@ -325,29 +344,41 @@ def hardware(peer: bool) -> str:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     devices = ", ".join(sorted({f"{d.platform}:{d.device_kind}" for d in jax.devices()}))
-    git = ["git", "describe", "--always", "--dirty= with uncommitted changes"]
-    commit = subprocess.run(git, cwd=REPO, capture_output=True, text=True).stdout.strip() or "unknown"
     sbx = f", sbx-rl {version('sbx-rl')}" if peer else ""
     return (
         f"hardware: {cpu}, {os.cpu_count()} logical cores, {memory:.1f} GiB RAM; jax {jax.__version__} "
-        f"({devices}){sbx}; repository at commit {commit}"
+        f"({devices}){sbx}; repository at commit {commit_of(REPO)}"
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--widths", type=int, nargs="+", default=[256, 2048], help="critic widths (default 256 2048)")
-    parser.add_argument("--steps", type=int, nargs="+", default=[500, 100], help="per run: one, or one per width")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        nargs="+",
+        help="per run: one, or one per width (default 500 at widths up to 256, 100 above)",
+    )
     parser.add_argument("--scripts", nargs="+", default=DEFAULT_SCRIPTS, choices=list(VARIANTS))
     parser.add_argument("--repeats", type=int, default=2, help="runs of each loop, ours and sbx's alternated")
     parser.add_argument("--no-peer", action="store_true", help="skip sbx (no need to install it)")
     parser.add_argument("--env-id", default="Hopper-v4")
     parser.add_argument("--learning-starts", type=int, default=1000, help="random-action env steps (default 1000)")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another checkout (a git worktree at an older commit, say): "
+        "its copy of each script runs alternated with ours, a row of its own (before/after a change)",
+    )
     parser.add_argument("--max-utd-width", type=int, default=256, help="wider critics skip the UTD > 1 presets")
     options = parser.parse_args()
-    steps = options.steps * len(options.widths) if len(options.steps) == 1 else options.steps
+    steps = options.steps or [500 if width <= 256 else 100 for width in options.widths]
+    steps = steps * len(options.widths) if len(steps) == 1 else steps
     if len(steps) != len(options.widths):
         parser.error("--steps takes one value, or one per width")
+    if options.baseline and not all((options.baseline / v.script).is_file() for v in VARIANTS.values()):
+        parser.error(f"--baseline {options.baseline}: not a checkout of this repository (no training scripts there)")
     if not options.no_peer and importlib.util.find_spec("sbx") is None:
         parser.error("the peer needs sbx-rl: pip install -r benchmarks/requirements.txt (or pass --no-peer)")
 
