@@ -71,16 +71,20 @@ def train_in(folder: Path, module, args) -> dict:
         os.chdir(previous)
 
 
+def script_env(extra: dict | None = None) -> dict:
+    """The environment of a script the tests start: theirs, on the CPU, quiet, with `extra` on top."""
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONWARNINGS": "ignore", **(extra or {})}
+
+
 def run_script(
     script: str, *args: str, cwd: Path, timeout: float = 600, env: dict | None = None
 ) -> subprocess.CompletedProcess:
     """Run one of the training scripts as a user would, in `cwd` (where its `runs/` folder lands);
     `env`: variables to set beside the tests' own."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run(
         [sys.executable, str(REPO / script), *args],
         cwd=cwd,
-        env=env,
+        env=script_env(env),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -124,7 +128,7 @@ def run_main_with_each(script: str, inputs: dict[str, list[str]], cwd: Path, tim
     process = subprocess.run(
         [sys.executable, "-c", MAIN_WITH_EACH, str(REPO / script), json.dumps(inputs)],
         cwd=cwd,
-        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONWARNINGS": "ignore"},
+        env=script_env(),
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, read_scalars, run_dirs, run_main_with_each, run_script
+from conftest import REPO, read_scalars, run_dirs, run_main_with_each, run_script, script_env
 
 SCRIPTS = ["crossq_jax.py", "crossq_td3_jax.py", "sac_jax.py"]
 POLICY_DELAY = {"crossq_jax.py": 3, "crossq_td3_jax.py": 3, "sac_jax.py": 1}  # their defaults
@@ -53,11 +53,10 @@ def module_of(script: str):
 
 
 def start(script: str, *args: str, cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONWARNINGS": "ignore"}
     return subprocess.Popen(
         [sys.executable, str(REPO / script), *args],
         cwd=cwd,
-        env=env,
+        env=script_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -108,7 +107,7 @@ def test_resume_after_sigkill_during_a_checkpoint_write_matches_the_uninterrupte
     driver = subprocess.run(
         [sys.executable, "-c", DIE_DURING_WRITE, str(REPO / script), "4", *FLAGS],
         cwd=tmp_path,
-        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONWARNINGS": "ignore"},
+        env=script_env(),
         capture_output=True,
         text=True,
     )
