@@ -8,16 +8,16 @@
 For every script (sac_jax.py once per preset) and critic width: (1) our loop as users run it, the script in
 a subprocess, timed from the wall times of its TensorBoard `charts/SPS` events over sub-windows of env steps
 after learning starts (the compilations before them, the final evaluation after); (2) sbx's CrossQ, SAC or
-TD3 `learn()` at the same settings in this process, timed by a callback over the same sub-windows, with
-nothing added to its loop that waits for the device; (1) and (2) alternate `--repeats` times; (3) the parts
-of one of our env steps timed in isolation, half of the rounds before the loops and half after, with the
-script's own functions on the same Args. Every figure is a median, over the sub-windows of all repeats or
-over the rounds. Times are wall-clock: on a shared machine compare the rows of one run with each other.
+TD3 at the same settings in this process, as its users run it: `learn()` past the compilations, then one
+`learn()` per sub-window continuing the same run, timed from outside (no callback, nothing wrapped);
+(1) and (2) alternate `--repeats` times; (3) the parts of one of our env steps timed in isolation, half of
+the rounds before the loops and half after, with the script's own functions on the same Args. Every figure
+is a median, over the sub-windows of all repeats or over the rounds. Times are wall-clock: on a shared
+machine compare the rows of one run with each other.
 """
 
 import argparse
 import dataclasses
-import gc
 import importlib.util
 import inspect
 import math
@@ -31,40 +31,22 @@ import warnings
 from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 warnings.simplefilter("ignore")  # Hopper-v4's "out of date" notice and the like, here and in the subprocesses
 os.environ["PYTHONWARNINGS"] = "ignore"
-ROUNDS, PART_SECONDS, TIMEOUT = 6, 0.3, 1800  # rounds of part timings, seconds per part and round, per run
-
-
-class Variant(NamedTuple):
-    script: str
-    words: list[str]  # the preset word the script takes before its flags, if any
-    peer: str | None  # the sbx class run at the same settings
-    note: str = ""
-
-
+ROUNDS, PART_SECONDS = 6, 0.3  # rounds of part timings, seconds per part and round
+# name: (script, the preset word it takes before its flags, the sbx class run at the same settings, a note)
 VARIANTS = {
-    "crossq": Variant("crossq_jax.py", [], "CrossQ"),
-    "crossq_td3": Variant("crossq_td3_jax.py", [], "CrossQ", "vs sbx CrossQ: sbx has no CrossQ-TD3"),
-    "sac": Variant("sac_jax.py", [], "SAC"),
-    "redq": Variant("sac_jax.py", ["redq"], None, "no peer: sbx SAC has no random target-critic subset"),
-    "droq": Variant("sac_jax.py", ["droq"], "SAC", "vs sbx SAC with dropout and LayerNorm"),
-    "td3": Variant("crossq_td3_jax.py", ["td3"], "TD3"),
+    "crossq": ("crossq_jax.py", [], "CrossQ", ""),
+    "crossq_td3": ("crossq_td3_jax.py", [], "CrossQ", "vs sbx CrossQ: sbx has no CrossQ-TD3"),
+    "sac": ("sac_jax.py", [], "SAC", ""),
+    "redq": ("sac_jax.py", ["redq"], None, "no peer: sbx SAC has no random target-critic subset"),
+    "droq": ("sac_jax.py", ["droq"], "SAC", "vs sbx SAC with dropout and LayerNorm"),
+    "td3": ("crossq_td3_jax.py", ["td3"], "TD3", ""),
 }
-DEFAULT_SCRIPTS = ["crossq", "crossq_td3", "sac", "redq", "droq"]
-
-
-def window(learning_starts: int, steps: int) -> list[int]:
-    """The env steps a, a + F, ..., b that bound the sub-windows: F (the log frequency) the largest divisor of
-    `learning_starts` up to steps / 10, the first two sub-windows after learning starts left out (compiling)."""
-    log_freq = max(d for d in range(1, max(1, steps // 10) + 1) if learning_starts % d == 0)
-    start = learning_starts + 2 * log_freq
-    return list(range(start, start + log_freq * math.ceil(steps / log_freq) + 1, log_freq))
 
 
 def load_script(script: str):
@@ -77,17 +59,14 @@ def load_script(script: str):
     return sys.modules[name]
 
 
-def run_ours(script: str, argv: list[str], bounds: list[int], repo: Path = REPO) -> np.ndarray:
-    """Seconds per env step of the script's own loop in each sub-window (its charts/SPS event wall times);
-    `repo`: the checkout whose copy of the script runs (this one, or --baseline's)."""
+def run_ours(script: str, argv: list[str], bounds: list[int], repo: Path) -> np.ndarray:
+    """Seconds per env step of `repo`'s copy of the script in each sub-window (its charts/SPS event wall times)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     with tempfile.TemporaryDirectory(prefix="throughput-") as cwd:
-        command = [sys.executable, str(repo / script), *argv]
-        result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT)
+        result = subprocess.run([sys.executable, str(repo / script), *argv], cwd=cwd, capture_output=True, text=True)
         if result.returncode != 0:
-            tail = (result.stderr.strip() or result.stdout.strip()).splitlines()[-3:]
-            raise RuntimeError(f"{script} exited with {result.returncode}: " + " | ".join(tail))
+            sys.exit(f"{repo / script} exited with {result.returncode}:\n{result.stderr[-2000:]}")
         events = EventAccumulator(str(next((Path(cwd) / "runs").iterdir())), size_guidance={"scalars": 0})
         events.Reload()
         wall = {event.step: event.wall_time for event in events.Scalars("charts/SPS")}
@@ -194,140 +173,110 @@ def peer_settings(peer: str, args, learning_starts: int) -> dict:
         settings["tau"] = args.tau
     elif peer == "TD3":
         settings |= {"tau": args.tau, "target_policy_noise": args.policy_noise, "target_noise_clip": args.noise_clip}
-        settings["exploration_noise"] = args.exploration_noise  # becomes a NormalActionNoise
+        settings["exploration_noise"] = args.exploration_noise  # becomes a NormalActionNoise below
     return settings | {"policy_kwargs": policy}
 
 
-def run_peer(peer: str, env_id: str, settings: dict, bounds: list[int]) -> dict[str, np.ndarray]:
-    """sbx's learn() up to the last bound: per sub-window, seconds per env step of the step and of its parts."""
+def run_peer(peer: str, env_id: str, settings: dict, bounds: list[int]) -> np.ndarray:
+    """Seconds per env step of sbx's learn() in each sub-window, as its users run it (no callback, nothing
+    wrapped): learn() up to the first bound (compiling), then one learn() per sub-window that continues the same
+    run and episode (`reset_num_timesteps=False`), timed from outside."""
     import gymnasium as gym
     import sbx
-    from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.noise import NormalActionNoise
 
     warnings.simplefilter("ignore")  # the imports above turn some warnings back on
     settings = dict(settings)
     if "exploration_noise" in settings:
-        from stable_baselines3.common.noise import NormalActionNoise
-
         n, std = gym.make(env_id).action_space.shape[0], settings.pop("exploration_noise")
         settings["action_noise"] = NormalActionNoise(np.zeros(n), np.full(n, std))
     model = getattr(sbx, peer)("MlpPolicy", env_id, **settings)
-    marks: list[float] = []  # the times at the bounds passed so far
-    spent = {name: np.zeros(len(bounds) - 1) for name in ["env.step", "action", "update"]}
-
-    def timed(name: str, function: Callable) -> Callable:
-        def wrapper(*a, **k):  # reads the clock, never waits for the device
-            start = time.perf_counter()
-            out = function(*a, **k)
-            if 0 < len(marks) < len(bounds):
-                spent[name][len(marks) - 1] += time.perf_counter() - start
-            return out
-
-        return wrapper
-
-    monitor = model.env.envs[0]
-    monitor.step = timed("env.step", monitor.step)
-    model.predict = timed("action", model.predict)
-    model.train = timed("update", model.train)
-
-    class Clock(BaseCallback):
-        def _on_step(self) -> bool:  # after every env step, before that step's update
-            if self.num_timesteps in bounds:
-                marks.append(time.perf_counter())
-            return True
-
-    model.learn(bounds[-1], callback=Clock())
-    return {"step": np.diff(marks) / np.diff(bounds)} | {k: v / np.diff(bounds) for k, v in spent.items()}
+    model.learn(bounds[0])
+    seconds = []
+    for steps in np.diff(bounds):
+        start = time.perf_counter()
+        model.learn(int(steps), reset_num_timesteps=False)
+        seconds.append((time.perf_counter() - start) / steps)
+    return np.array(seconds)
 
 
 def measure(name: str, width: int, steps: int, options, peer_rows: dict) -> list[dict]:
-    """Our row (and the peer's): the loops alternated `options.repeats` times, our parts timed around them."""
-    variant = VARIANTS[name]
-    module = load_script(variant.script)
-    bounds = window(options.learning_starts, max(10, steps // module.parse_args(variant.words).utd))
-    argv = [*variant.words, "--env-id", options.env_id, "--seed", "1", "--critic-width", str(width)]
+    """Our row, the peer's (once per distinct sbx setting) and the baseline's: the loops alternated
+    `options.repeats` times, our parts timed around them."""
+    script, words, peer, note = VARIANTS[name]
+    module = load_script(script)
+    # Sub-windows of F env steps (F the largest divisor of learning_starts up to steps / 10, so that a
+    # charts/SPS event falls on each bound), the first two after learning starts left out (compiling).
+    steps = max(10, steps // module.parse_args(words).utd)
+    log_freq = max(d for d in range(1, max(1, steps // 10) + 1) if options.learning_starts % d == 0)
+    start = options.learning_starts + 2 * log_freq
+    bounds = list(range(start, start + log_freq * math.ceil(steps / log_freq) + 1, log_freq))
+    argv = [*words, "--env-id", options.env_id, "--seed", "1", "--critic-width", str(width)]
     argv += ["--learning-starts", str(options.learning_starts), "--total-timesteps", str(bounds[-1])]
-    argv += ["--log-freq", str(bounds[1] - bounds[0]), "--eval-freq", "0", "--eval-episodes", "1"]
+    argv += ["--log-freq", str(log_freq), "--eval-freq", "0", "--eval-episodes", "1"]
     args = module.parse_args(argv)
-    log(f"[width {width}] {name}: python {variant.script} {' '.join(argv)}; env steps {bounds[0]}..{bounds[-1]}")
-    ours = {"script": name, "width": width, "impl": " ".join([variant.script, *variant.words]), "utd": args.utd}
-    peer, reused, times = None, False, {"step": [], "env.step": [], "action": [], "update": []}
-    if variant.peer and not options.no_peer:
-        settings = peer_settings(variant.peer, args, options.learning_starts)
-        key = (variant.peer, options.env_id, repr(settings))  # crossq_td3 gets the sbx CrossQ row of crossq
-        reused, row = key in peer_rows, {"script": name, "width": width, "impl": f"sbx {variant.peer}", "utd": args.utd}
-        peer = peer_rows.setdefault(key, row)
-    baseline, baseline_loop = {"script": name, "width": width, "utd": args.utd}, []
-    baseline["impl"] = f"{ours['impl']} at {commit_of(options.baseline)}" if options.baseline else ""
-    try:
-        parts, loop = Parts(module, args), []
-        for _ in range(ROUNDS // 2):
-            parts.round()
-        for repeat in range(options.repeats):
-            loop.extend(seconds := run_ours(variant.script, argv, bounds))
-            log(f"    run {repeat + 1}: {ours['impl']} {1 / np.median(seconds):.1f} env steps/s")
-            if options.baseline:
-                baseline_loop.extend(seconds := run_ours(variant.script, argv, bounds, options.baseline))
-                log(f"    run {repeat + 1}: {baseline['impl']} {1 / np.median(seconds):.1f} env steps/s")
-            if peer is not None and not reused and "error" not in peer:
-                try:
-                    measured = run_peer(variant.peer, options.env_id, settings, bounds)
-                    log(f"    run {repeat + 1}: {peer['impl']} {1 / np.median(measured['step']):.1f} env steps/s")
-                    for part, seconds in measured.items():
-                        times[part].extend(seconds)
-                except Exception as e:
-                    peer["error"] = f"{type(e).__name__}: {e}"
-        for _ in range(ROUNDS - ROUNDS // 2):
-            parts.round()
-        ours |= parts.medians() | {"step": float(np.median(loop))}
-        del parts
-    except Exception as e:  # a script that is broken or mid-edit: report it, measure the rest
-        ours["error"] = f"{type(e).__name__}: {e}"
-        log(f"    FAILED: {ours['error']}")
-    gc.collect()
-    if peer is not None and not reused and times["step"]:
-        peer |= {part: float(np.median(seconds)) for part, seconds in times.items()}
-    if peer is not None or variant.peer is None:
-        ours["note"] = variant.note + (" (the sbx row above)" if reused else "")
-    ours["peer"] = peer or {}
-    if baseline_loop and "step" in ours:  # its loop only: the part columns stay empty
-        step = float(np.median(baseline_loop))
-        baseline |= {"step": step, "ratio": step / ours["step"], "note": "(ours / this row: the baseline)"}
-    return [ours] + ([peer] if peer is not None and not reused else []) + ([baseline] if "step" in baseline else [])
+    log(f"[width {width}] {name}: python {script} {' '.join(argv)}; env steps {bounds[0]}..{bounds[-1]}")
+    row = lambda impl, **more: {"script": name, "width": width, "impl": impl, "utd": args.utd} | more
+    ours, loops = row(" ".join([script, *words])), {"ours": [], "baseline": []}
+    repos = {"ours": REPO} | ({"baseline": options.baseline} if options.baseline else {})
+    peer_row, new_peer, loops["peer"] = None, False, []
+    if peer and not options.no_peer:
+        settings = peer_settings(peer, args, options.learning_starts)
+        key = (peer, options.env_id, repr(settings))  # crossq_td3 shares the sbx CrossQ row of crossq
+        new_peer = key not in peer_rows
+        peer_row = peer_rows.setdefault(key, row(f"sbx {peer}"))
+    if peer_row is not None or peer is None:
+        ours["note"] = note + ("" if new_peer or peer is None else " (the sbx row above)")
+    parts = Parts(module, args)
+    for _ in range(ROUNDS // 2):
+        parts.round()
+    for repeat in range(options.repeats):
+        for which, repo in repos.items():
+            loops[which].extend(seconds := run_ours(script, argv, bounds, repo))
+            log(f"    run {repeat + 1}: {script} in {repo} {1 / np.median(seconds):.1f} env steps/s")
+        if new_peer:
+            loops["peer"].extend(seconds := run_peer(peer, options.env_id, settings, bounds))
+            log(f"    run {repeat + 1}: sbx {peer} {1 / np.median(seconds):.1f} env steps/s")
+    for _ in range(ROUNDS - ROUNDS // 2):
+        parts.round()
+    ours |= parts.medians() | {"step": float(np.median(loops["ours"]))}
+    if new_peer:
+        peer_row["step"] = float(np.median(loops["peer"]))
+    if peer_row is not None:
+        ours["ratio"] = peer_row["step"] / ours["step"]
+    rows = [ours, *([peer_row] if new_peer else [])]
+    if options.baseline:  # its loop only: the part columns stay empty
+        step = float(np.median(loops["baseline"]))
+        impl = f"{ours['impl']} at {commit_of(options.baseline)}"
+        rows.append(row(impl, step=step, ratio=step / ours["step"], note="(ours / this row: the baseline)"))
+    return rows
 
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def ms(seconds: float | None) -> str:
-    return "" if seconds is None else f"{seconds * 1e3:.2f} ms"
-
-
-PART_COLUMNS = ("env.step", "action", "critic", "actor", "update")  # a --baseline row has none of them
-
-
 def table(rows: list[dict]) -> list[str]:
+    ms = lambda seconds: "" if seconds is None else f"{seconds * 1e3:.2f} ms"
     lines = [
         "| script | critic width | implementation | env steps/s | updates/s | env.step | action | critic update "
-        "| actor update | update as configured | other | update share | env steps/s ours/peer |",
+        "| actor update | update as configured | other | update share | env steps/s ours/other row |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in rows:
-        head = f"| {row['script']} | {row['width']} | {row['impl']} |"
-        if "step" not in row:
-            lines.append(f"{head} failed: {row.get('error', 'not measured')} |" + " |" * 9)
-            continue
-        step, (env, action, critic, actor, update) = row["step"], [row.get(k) for k in PART_COLUMNS]
+    for r in rows:
+        step, (env, action, critic, actor, update) = r["step"], [r.get(k) for k in PARTS]
         other = None if None in (env, action, update) else step - env - action - update
         share = "" if update is None else f"{update / step:.0%}"
-        ratio = row.get("ratio") or (row["peer"]["step"] / step if "step" in row.get("peer", {}) else None)
-        ratio = "" if ratio is None else f"{ratio:.2f}x"
+        ratio = f"{r['ratio']:.2f}x" if "ratio" in r else ""
         lines.append(
-            f"{head} {1 / step:.1f} | {row['utd'] / step:.1f} | {ms(env)} | {ms(action)} | {ms(critic)} | {ms(actor)} "
-            f"| {ms(update)} | {ms(other)} | {share} | {' '.join(filter(None, [ratio, row.get('note', '')]))} |"
+            f"| {r['script']} | {r['width']} | {r['impl']} | {1 / step:.1f} | {r['utd'] / step:.1f} | {ms(env)} "
+            f"| {ms(action)} | {ms(critic)} | {ms(actor)} | {ms(update)} | {ms(other)} | {share} "
+            f"| {' '.join(filter(None, [ratio, r.get('note', '')]))} |"
         )
     return lines
+
+
+PARTS = ("env.step", "action", "critic", "actor", "update")  # ours only: the peer and --baseline rows have none
 
 
 def commit_of(repo: Path) -> str:
@@ -353,31 +302,27 @@ def hardware(peer: bool) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--widths", type=int, nargs="+", default=[256, 2048], help="critic widths (default 256 2048)")
-    parser.add_argument(
-        "--steps",
-        type=int,
-        nargs="+",
-        help="per run: one, or one per width (default 500 at widths up to 256, 100 above)",
-    )
-    parser.add_argument("--scripts", nargs="+", default=DEFAULT_SCRIPTS, choices=list(VARIANTS))
-    parser.add_argument("--repeats", type=int, default=2, help="runs of each loop, ours and sbx's alternated")
-    parser.add_argument("--no-peer", action="store_true", help="skip sbx (no need to install it)")
-    parser.add_argument("--env-id", default="Hopper-v4")
-    parser.add_argument("--learning-starts", type=int, default=1000, help="random-action env steps (default 1000)")
-    parser.add_argument(
+    add = parser.add_argument
+    add("--widths", type=int, nargs="+", default=[256, 2048], help="critic widths (default 256 2048)")
+    add("--steps", type=int, nargs="+", help="per run: one, or one per width (default 500 up to width 256, 100 above)")
+    add("--scripts", nargs="+", default=["crossq", "crossq_td3", "sac", "redq", "droq"], choices=VARIANTS)
+    add("--repeats", type=int, default=2, help="runs of each loop, ours and sbx's alternated")
+    add("--no-peer", action="store_true", help="skip sbx (no need to install it)")
+    add("--env-id", default="Hopper-v4")
+    add("--learning-starts", type=int, default=1000, help="random-action env steps (default 1000)")
+    add(
         "--baseline",
         type=Path,
-        help="another checkout (a git worktree at an older commit, say): "
-        "its copy of each script runs alternated with ours, a row of its own (before/after a change)",
+        help="another checkout (a git worktree at an older commit, say): its copy of each "
+        "script runs alternated with ours, a row of its own (before/after a change)",
     )
-    parser.add_argument("--max-utd-width", type=int, default=256, help="wider critics skip the UTD > 1 presets")
+    add("--max-utd-width", type=int, default=256, help="wider critics skip the UTD > 1 presets")
     options = parser.parse_args()
     steps = options.steps or [500 if width <= 256 else 100 for width in options.widths]
     steps = steps * len(options.widths) if len(steps) == 1 else steps
     if len(steps) != len(options.widths):
         parser.error("--steps takes one value, or one per width")
-    if options.baseline and not all((options.baseline / v.script).is_file() for v in VARIANTS.values()):
+    if options.baseline and not all((options.baseline / v[0]).is_file() for v in VARIANTS.values()):
         parser.error(f"--baseline {options.baseline}: not a checkout of this repository (no training scripts there)")
     if not options.no_peer and importlib.util.find_spec("sbx") is None:
         parser.error("the peer needs sbx-rl: pip install -r benchmarks/requirements.txt (or pass --no-peer)")
@@ -389,18 +334,16 @@ def main() -> None:
     started, rows, peer_rows = time.perf_counter(), [], {}
     for width, n_steps in zip(options.widths, steps, strict=True):
         for name in options.scripts:
-            utd = load_script(VARIANTS[name].script).parse_args(VARIANTS[name].words).utd
-            if utd > 1 and width > options.max_utd_width:
+            script, words = VARIANTS[name][:2]
+            if (utd := load_script(script).parse_args(words).utd) > 1 and width > options.max_utd_width:
                 log(f"[width {width}] {name}: skipped, UTD {utd} above --max-utd-width {options.max_utd_width}")
                 continue
             rows += measure(name, width, n_steps, options, peer_rows)
     print(f"load average at end: {load()}; {time.perf_counter() - started:.0f} s in all\n")
-    sbx = "; sbx, given the same values: its parts in its loop, update = train() (batch sampling included)"
-    sbx = "" if options.no_peer else sbx
     print(
         f"{options.env_id}, learning starts {options.learning_starts}, seed 1, the scripts' defaults otherwise. Per "
         "env step; ours: the parts in isolation, update = the jitted store and update(s) as configured, other = step "
-        f"- env.step - action - update (below 0: the parts ran under more load than the loop){sbx}.\n"
+        f"- env.step - action - update (below 0: the parts ran under more load than the loop).\n"
     )
     print("\n".join(table(rows)))
 
