@@ -24,7 +24,7 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 # And most test runs are tiny: their time goes to XLA compiling, not running, so they compile without
 # LLVM's optimisations (a 1000-step Pendulum run of new shapes: 20.5 s -> 15.8 s on the 2-core machine).
-# The learning checks, thousands of width-256 updates, compile as users' runs do (OPTIMISED_XLA).
+# The learning checks, thousands of width-128 updates, compile as users' runs do (OPTIMISED_XLA).
 OPTIMISED_XLA = {"XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
 os.environ["XLA_FLAGS"] = (OPTIMISED_XLA["XLA_FLAGS"] + " --xla_backend_optimization_level=0").strip()
 
