@@ -231,7 +231,7 @@ def measure(name: str, width: int, steps: int, options, peer_rows: dict) -> list
     for _ in range(ROUNDS // 2):
         parts.round()
     for repeat in range(options.repeats):
-        for which, repo in repos.items():
+        for which, repo in list(repos.items())[:: 1 if repeat % 2 == 0 else -1]:  # ABBA: the first of a pair is slower
             loops[which].extend(seconds := run_ours(script, argv, bounds, repo))
             log(f"    run {repeat + 1}: {script} in {repo} {1 / np.median(seconds):.1f} env steps/s")
         if new_peer:
@@ -314,7 +314,7 @@ def main() -> None:
         "--baseline",
         type=Path,
         help="another checkout (a git worktree at an older commit, say): its copy of each "
-        "script runs alternated with ours, a row of its own (before/after a change)",
+        "script runs alternated with ours (which goes first swaps every repeat), a row of its own (before/after)",
     )
     add("--max-utd-width", type=int, default=256, help="wider critics skip the UTD > 1 presets")
     options = parser.parse_args()
