@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, script_env
 
 SWEEP = REPO / "experiments" / "sweep.py"
 # Two evaluations (at 300 and 600) and a checkpoint at 300, from which a stopped run continues.
@@ -22,20 +22,6 @@ TINY_RUN = (
     "--critic-width 32 --actor-width 32 --total-timesteps 600 --learning-starts 300 "
     "--eval-freq 300 --eval-episodes 1 --log-freq 100 --checkpoint-freq 300"
 )
-
-
-@pytest.fixture(scope="module")
-def sweep_env(tmp_path_factory) -> dict[str, str]:
-    """The sweeps' environment: runs of the same shapes (another seed, a continued run) share JAX's compiled
-    programs through a persistent cache, which saves most of a tiny run's time."""
-    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or tmp_path_factory.mktemp("jax_cache")
-    return {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "JAX_COMPILATION_CACHE_DIR": str(cache),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-    }
 
 
 def write_grid(folder: Path, seeds: list[int]) -> Path:
@@ -90,13 +76,13 @@ def check_finished_after_one_stop(folder: Path, seed: int) -> None:
     assert len(starts) == 2 and "--resume" not in starts[0] and "--resume" in starts[1], starts
 
 
-def test_local_sweep_stops_continues_and_skips_finished_cells(sweep_env, tmp_path):
+def test_local_sweep_stops_continues_and_skips_finished_cells(tmp_path):
     write_grid(tmp_path, [1, 2])
     kept = result_file(tmp_path, 2)  # seed 2 finished in an earlier sweep: left alone
     kept.parent.mkdir(parents=True)
     kept.write_text('{"finished": "earlier"}\n')
 
-    sweep = subprocess.Popen(sweep_command(tmp_path), env=sweep_env, stdout=subprocess.PIPE, text=True)
+    sweep = subprocess.Popen(sweep_command(tmp_path), env=script_env(), stdout=subprocess.PIPE, text=True)
     wait_for(lambda: has_checkpoint(tmp_path, 1), "checkpoint of seed 1", sweep)
     sweep.send_signal(signal.SIGTERM)  # as `kill` or the end of a session would: passed on to the run
     output = sweep.communicate(timeout=120)[0]
@@ -104,13 +90,13 @@ def test_local_sweep_stops_continues_and_skips_finished_cells(sweep_env, tmp_pat
     assert "1 of 2 runs to go" in output
     assert not result_file(tmp_path, 1).exists()
 
-    again = subprocess.run(sweep_command(tmp_path), env=sweep_env, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(sweep_command(tmp_path), env=script_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "1 of 2 runs to go" in again.stdout
     check_finished_after_one_stop(tmp_path, 1)
     assert kept.read_text() == '{"finished": "earlier"}\n'
 
-    done = subprocess.run(sweep_command(tmp_path), env=sweep_env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(sweep_command(tmp_path), env=script_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "0 of 2 runs to go" in done.stdout, done.stdout + done.stderr
 
 
@@ -227,9 +213,9 @@ def stop_daemon(pid_file: Path) -> None:
         pass
 
 
-def test_slurm_sweep_finishes_every_run_through_preemption_and_time_limit(slurm_cluster, sweep_env, tmp_path):
+def test_slurm_sweep_finishes_every_run_through_preemption_and_time_limit(slurm_cluster, tmp_path):
     write_grid(tmp_path, [1, 2])
-    env = {**sweep_env, **slurm_cluster}
+    env = script_env(slurm_cluster)
     command = sweep_command(tmp_path, "--launcher", "slurm", "--cpus-per-task", "1", "--time-min", "10")
     sweep = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
     job_of = lambda seed: (cell_folder(tmp_path, seed) / "slurm_job").read_text().strip()
