@@ -1,10 +1,9 @@
 """Long runs that survive: checkpoints, exact resume after SIGKILL/SIGTERM, refusals of bad checkpoints.
 
-Every script that supports `--checkpoint-freq` / `--resume` is listed in SCRIPTS and gets the same tests.
+Every script (conftest.SCRIPTS: all three support `--checkpoint-freq` and `--resume`) gets the same tests.
 """
 
 import dataclasses
-import importlib
 import os
 import signal
 import subprocess
@@ -13,9 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, read_scalars, run_dirs, run_main_with_each, run_script, script_env
+from conftest import REPO, SCRIPTS, module_of, read_scalars, run_dirs, run_main_with_each, run_script, script_env
 
-SCRIPTS = ["crossq_jax.py", "crossq_td3_jax.py", "sac_jax.py"]
 POLICY_DELAY = {"crossq_jax.py": 3, "crossq_td3_jax.py": 3, "sac_jax.py": 1}  # their defaults
 
 # Pendulum episodes last 200 steps: checkpoints every 130 steps fall mid-episode.
@@ -46,10 +44,6 @@ def savez(file, **arrays):
 np.savez = savez
 module.train(module.parse_args(sys.argv[3:]))
 """
-
-
-def module_of(script: str):
-    return importlib.import_module(script[:-3])
 
 
 def start(script: str, *args: str, cwd: Path) -> subprocess.Popen:

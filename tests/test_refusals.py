@@ -10,9 +10,7 @@ import functools
 
 import numpy as np
 import pytest
-from conftest import run_main_with_each, run_script
-
-SCRIPTS = ["crossq_jax.py", "crossq_td3_jax.py", "sac_jax.py"]
+from conftest import SCRIPTS, run_main_with_each, run_script
 
 # The rows of issue 13's table, then inputs found since, for every script: {id: command line}.
 REFUSED = {
