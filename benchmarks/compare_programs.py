@@ -9,24 +9,15 @@ loop jits it) and the action (`explore`), lowered to StableHLO on the same Args 
 checkout; prints "same" or "different" per program and exits 1 if any differs."""
 
 import argparse
-import importlib.util
-import inspect
 import sys
 from pathlib import Path
 
 import jax
 import numpy as np
+from throughput import load_script, noise_of, train_step_of  # this folder's benchmark
 
-REPO = Path(__file__).resolve().parents[1]
 SYSTEMS = [("crossq_jax.py", []), ("crossq_td3_jax.py", []), ("crossq_td3_jax.py", ["td3"])]
 SYSTEMS += [("sac_jax.py", []), ("sac_jax.py", ["redq"]), ("sac_jax.py", ["droq"])]
-
-
-def load(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = sys.modules[name] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def programs(module, argv: list[str]) -> dict[str, str]:
@@ -38,10 +29,7 @@ def programs(module, argv: list[str]) -> dict[str, str]:
     buffer = module.ReplayBuffer.create(args.buffer_size, obs_dim, action_dim)
     obs, action, f32 = np.zeros(obs_dim, np.float32), np.zeros(action_dim, np.float32), np.float32
     transition = module.Transition(obs, action, f32(0.0), obs, f32(0.0))
-    takes_action_dim = "action_dim" in inspect.signature(module.make_train_step).parameters
-    train_step = module.make_train_step(args, *([action_dim] if takes_action_dim else []))
-    noise = (args.exploration_noise,) if "std" in inspect.signature(module.explore).parameters else ()
-    key = jax.random.PRNGKey(0)
+    train_step, noise, key = train_step_of(module, args, action_dim), noise_of(module, args), jax.random.PRNGKey(0)
     return {
         "update": train_step.lower(agent, buffer, module.Metrics.initial(), key, args.learning_starts + 1).as_text(),
         "store": jax.jit(module.buffer_add, donate_argnums=0).lower(buffer, transition).as_text(),
@@ -58,8 +46,8 @@ def main() -> None:
     differs = False
     for script, words in SYSTEMS:
         argv = [*words, "--critic-width", "256", "--buffer-size", "100000"]
-        ours = programs(load(REPO / script, "ours_" + script[:-3]), argv)
-        theirs = programs(load(options.baseline / script, "baseline_" + script[:-3]), argv)
+        ours = programs(load_script(script), argv)
+        theirs = programs(load_script(script, options.baseline), argv)
         verdicts = {name: "same" if ours[name] == theirs[name] else "different" for name in ours}
         differs |= "different" in verdicts.values()
         print(f"{' '.join([script, *words])}: " + ", ".join(f"{name} {v}" for name, v in verdicts.items()), flush=True)

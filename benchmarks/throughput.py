@@ -49,14 +49,25 @@ VARIANTS = {
 }
 
 
-def load_script(script: str):
-    """Import a training script by its path (once): the parts are timed with its own functions."""
-    name = "bench_" + Path(script).stem
+def load_script(script: str, repo: Path = REPO):
+    """Import a training script by its path (once per checkout): the parts are timed with its own functions."""
+    name = ("bench_" if repo == REPO else "baseline_") + Path(script).stem
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / script)
+        spec = importlib.util.spec_from_file_location(name, repo / script)
         sys.modules[name] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(sys.modules[name])
     return sys.modules[name]
+
+
+def train_step_of(module, args, action_dim: int):
+    """The script's jitted per-env-step update for `args` (crossq_td3_jax's make_train_step takes no action_dim)."""
+    takes_action_dim = "action_dim" in inspect.signature(module.make_train_step).parameters
+    return module.make_train_step(args, *([action_dim] if takes_action_dim else []))
+
+
+def noise_of(module, args) -> tuple:
+    """The exploration-noise argument the script's `explore` takes after the key (the TD3-based script's), if any."""
+    return (args.exploration_noise,) if "std" in inspect.signature(module.explore).parameters else ()
 
 
 def run_ours(script: str, argv: list[str], bounds: list[int], repo: Path) -> np.ndarray:
@@ -97,7 +108,7 @@ class Parts:
         self.agent = module.create_agent(args, obs_dim, action_dim, jax.random.PRNGKey(args.seed))
         self.metrics, self.key = module.Metrics.initial(), jax.random.PRNGKey(args.seed + 1)
         self.explore = module.explore
-        self.noise = (args.exploration_noise,) if "std" in inspect.signature(module.explore).parameters else ()
+        self.noise = noise_of(module, args)
         self.actions = [self.env.action_space.sample() for _ in range(1000)]
         # The buffer at the loop's capacity (it matters), holding `learning_starts` random transitions.
         self.store = jax.jit(module.buffer_add, donate_argnums=0)
@@ -110,9 +121,7 @@ class Parts:
             self.buffer = self.store(self.buffer, self.transition)
 
         def update(**changes) -> Callable[[], None]:
-            changed = dataclasses.replace(args, **changes)
-            takes_action_dim = "action_dim" in inspect.signature(module.make_train_step).parameters
-            train_step = module.make_train_step(changed, *([action_dim] if takes_action_dim else []))
+            train_step = train_step_of(module, dataclasses.replace(args, **changes), action_dim)
             return lambda: self.update(train_step)
 
         cycle = args.policy_delay // math.gcd(args.policy_delay, args.utd)  # calls until the actor schedule repeats
