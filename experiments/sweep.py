@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -47,6 +48,8 @@ except ModuleNotFoundError:  # Python 3.10
 
 REPO = Path(__file__).resolve().parents[1]
 EXIT_FAILED = {1, 2}  # the scripts' exit codes for a diverged run and a refused command line
+# What a result depends on besides the scripts: their versions go into every result file.
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "mujoco", "gymnasium")
 
 
 @dataclasses.dataclass
@@ -226,17 +229,30 @@ def write_result(path: Path, cell: Cell, run_dir: Path, provenance: dict) -> Non
 
 
 def provenance() -> dict:
-    """The commit of the scripts (with a note if the tree differs from it) and the machine."""
+    """The commit of the scripts (with a note if the tree differs from it), the machine and its GPUs (the runs'
+    JAX uses them when its CUDA build is installed), and the versions of the packages the results depend on."""
     git = lambda *a: subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True).stdout.strip()
     scripts = [p.name for p in REPO.glob("*.py")]  # the training scripts, at the top of the repository
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
     cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # a task's share
     dirty = " with uncommitted changes" if git("status", "--porcelain", *scripts) else ""
+    query = ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"]
+    gpus = subprocess.run(query, capture_output=True, text=True).stdout.split("\n") if shutil.which(query[0]) else []
+    gpus = [name.strip() for name in gpus if name.strip()]
     return {
         "commit": git("rev-parse", "HEAD") + dirty,
-        "hardware": f"{cpu or platform.processor()}, {cores} cores, {platform.system()}",
+        "hardware": f"{cpu or platform.processor()}, {cores} cores, {platform.system()}"
+        + (f", {len(gpus)} x {gpus[0]}" if gpus else ""),
+        "versions": {name: package_version(name) for name in PACKAGES},
     }
+
+
+def package_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 # --- progress -------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """experiments/sweep.py on a tiny grid: run here (stopped mid-run, continued, finished cells skipped), and
 on a real one-node SLURM cluster that the test starts itself (each run stopped once, and still finished)."""
 
+import importlib.metadata
 import json
 import math
 import os
@@ -72,6 +73,7 @@ def check_finished_after_one_stop(folder: Path, seed: int) -> None:
     assert result["command"] == f"python crossq_jax.py {TINY_RUN} --env-id Pendulum-v1 --seed {seed}"
     assert result["args"]["seed"] == seed and result["args"]["total_timesteps"] == 600
     assert len(result["commit"]) >= 40 and "cores" in result["hardware"]
+    assert result["versions"]["jax"] == importlib.metadata.version("jax")  # the runs' python is the sweep's
     starts = [line for line in (cell_folder(folder, seed) / "log.txt").read_text().splitlines() if " $ " in line]
     assert len(starts) == 2 and "--resume" not in starts[0] and "--resume" in starts[1], starts
 
