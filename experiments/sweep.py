@@ -100,8 +100,14 @@ class Cell:
     command: tuple[str, ...]  # script, preset word and flags, without --env-id and --seed
 
     @property
+    def env_folder(self) -> str:
+        """The env id as one folder name, `/` as `-` as in the scripts' run names: `dm_control/reacher-easy-v0`
+        is `dm_control-reacher-easy-v0`."""
+        return self.env.replace("/", "-")
+
+    @property
     def name(self) -> str:
-        return f"{self.algo}/{self.env}/seed{self.seed}"
+        return f"{self.algo}/{self.env_folder}/seed{self.seed}"
 
     def argv(self) -> list[str]:
         script, *rest = self.command
@@ -134,11 +140,11 @@ def load_grid(path: Path, algos=None, envs=None, seeds=None) -> tuple[str, list[
 
 # --- one cell: its folder, its state, its run -------------------------------------------------
 def cell_dir(work_dir: Path, cell: Cell) -> Path:
-    return work_dir / cell.algo / cell.env / f"seed{cell.seed}"
+    return work_dir / cell.algo / cell.env_folder / f"seed{cell.seed}"
 
 
 def result_file(results_dir: Path, cell: Cell) -> Path:
-    return results_dir / cell.algo / cell.env / f"seed{cell.seed}.json"
+    return results_dir / cell.algo / cell.env_folder / f"seed{cell.seed}.json"
 
 
 def latest_run(folder: Path) -> Path | None:
