@@ -1,11 +1,14 @@
 """Draw a sweep's results the way the paper does, and write its table into docs/results.md.
 
-    python experiments/plot.py                                  # every sweep in experiments/results
+    python experiments/plot.py                                  # every sweep in experiments/results (and unfinished)
     python experiments/plot.py --sweeps mujoco_cpu --live sweeps/mujoco_cpu   # plus the runs still going
 
 Reads each finished run's result file (`experiments/results/{sweep}/{algo}/{env}/seed{seed}.json`, written
-by sweep.py) and, with `--live`, the TensorBoard events of runs still going (a sweep's work dir or any
-`runs/` folder; a finished run's result file wins over its live copy). Per env and algorithm, over seeds:
+by sweep.py) and, with `--live`, the TensorBoard events of runs not finished, still going or stopped (a sweep's
+work dir or any `runs/` folder; a finished run's result file wins over its live copy), and the printed output
+of runs stopped before their last step whose output was committed (`experiments/unfinished/{sweep}/{algo}/{env}/
+seed{seed}/log.txt`: a sweep's log of a run cut short, for example where a lent GPU's time ran out). Per env and
+algorithm, over seeds:
 
 - IQM: the interquartile mean, as rliable (Agarwal et al. 2021) computes it: sort, drop floor(n/4) runs
   at each end, average the rest (scipy.stats.trim_mean(x, 0.25)). With 3 seeds nothing is dropped.
@@ -27,6 +30,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+import shlex
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -60,6 +65,8 @@ class PlotArgs:
     """folders of runs still going (a sweep's work dir, or any `runs/` folder) to add to the one sweep drawn"""
     results_dir: Path = REPO / "experiments" / "results"
     """where sweep.py keeps the finished runs' result files"""
+    unfinished_dir: Path = REPO / "experiments" / "unfinished"
+    """where the output (log.txt, in the sweep's layout) of runs stopped before their last step is kept"""
     figures_dir: Path = REPO / "docs" / "figures"
     """where the PNG figures go"""
     page: Path = REPO / "docs" / "results.md"
@@ -131,6 +138,33 @@ def read_live(folder: Path) -> list[Run]:
         if curve:
             runs[algo, args["env_id"], args["seed"]] = Run(algo, args["env_id"], args["seed"], curve, {"live": run_dir})
     return list(runs.values())
+
+
+def read_logs(folder: Path) -> list[Run]:
+    """Runs stopped before their last step, from what they printed (the log.txt of each {algo}/{env}/seed{N} cell
+    of a sweep): the points of sweep.read_curve, with the training seconds at an evaluation again step / SPS at
+    that step, and the returns as printed (to 0.1). A run continued after a stop prints a step again: the
+    last print wins, as the TensorBoard reader keeps the newest events."""
+    runs = []
+    for log in sorted(folder.glob("*/*/seed*/log.txt")):
+        sps, returns, commands = {}, {}, []
+        for line in log.read_text().splitlines():
+            if match := re.match(r"step=(\d+) SPS=(\d+) ", line):
+                sps[int(match[1])] = int(match[2])
+            elif match := re.match(r"step=(\d+) eval/episodic_return=(\S+) ", line):
+                returns[int(match[1])] = float(match[2])
+            elif line.startswith("# ") and " $ " in line:  # sweep.py's line before each start of the run
+                commands.append(shlex.split(line.split(" $ ", 1)[1]))
+        if not returns:
+            continue
+        first = commands[0]  # interpreter, script path, flags: as python <script> <flags>
+        command = "python " + shlex.join([Path(first[1]).name, *first[2:]])
+        # The env id and seed as the run had them (a folder name has the env id's / as -).
+        algo, env, seed = log.parts[-4], first[first.index("--env-id") + 1], int(first[first.index("--seed") + 1])
+        curve = [{"step": step, "return": value, "train_seconds": step / sps[step] if sps.get(step) else None}
+                 for step, value in sorted(returns.items())]  # fmt: skip
+        runs.append(Run(algo, env, seed, curve, {"log": log, "command": command, "env": env, "seed": seed}))
+    return runs
 
 
 def by_env_and_algo(runs: list[Run]) -> dict[str, dict[str, list[Run]]]:
@@ -268,12 +302,14 @@ def provenance(runs: list[Run]) -> str:
     lines = []
     for algo in sorted({r.algo for r in runs}):
         mine = [r for r in runs if r.algo == algo]
-        finished = [r.source for r in mine if "command" in r.source]
+        finished = [r.source for r in mine if "commit" in r.source]
+        stopped = [r.source for r in mine if "log" in r.source]
         generic = lambda s: s["command"].replace(f"--env-id {s['env']} --seed {s['seed']}", "--env-id ENV --seed SEED")
         seeds = {env: sorted(r.seed for r in mine if r.env == env) for env in sorted({r.env for r in mine})}
         last = sorted({max(p["step"] for p in r.curve) for r in mine})
+        commands = "; ".join(f"`{c}`" for c in sorted({generic(s) for s in finished + stopped}))
         lines += [
-            f"- **{algo}**: " + "; ".join(f"`{c}`" for c in sorted({generic(s) for s in finished})),
+            f"- **{algo}**: " + (commands or "no run finished (each run's command: the log.txt beside its runs/)"),
             f"  - seeds: {'; '.join(f'{env} {s}' for env, s in seeds.items())}; last evaluated step: "
             + ", ".join(map(str, last)),
         ]
@@ -281,7 +317,12 @@ def provenance(runs: list[Run]) -> str:
             lines.append(f"  - scripts at commit {', '.join(sorted({s['commit'] for s in finished}))}")
             lines.append(f"  - on {'; '.join(sorted({s['hardware'] for s in finished}))}")
         if live := [r.source["live"] for r in mine if "live" in r.source]:
-            lines.append(f"  - still going (read from their TensorBoard events): {len(live)} runs")
+            lines.append(f"  - not finished, read from their TensorBoard events: {len(live)} runs")
+        if stopped:
+            folder = os.path.commonpath([s["log"].parents[3] for s in stopped])
+            where = os.path.relpath(folder, REPO) if folder.startswith(str(REPO)) else folder
+            lines.append(f"  - stopped before their last step, read from the output they printed ({where}): "
+                         f"{len(stopped)} runs")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -329,16 +370,17 @@ def main(args: PlotArgs) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    found = sorted(p.name for p in args.results_dir.iterdir() if p.is_dir()) if args.results_dir.is_dir() else []
+    folders = lambda top: {p.name for p in top.iterdir() if p.is_dir()} if top.is_dir() else set()
+    found = sorted(folders(args.results_dir) | folders(args.unfinished_dir))
     names = args.sweeps or found
     if args.live and len(names) != 1:
         raise SystemExit("error: --live adds runs to one sweep: name it with --sweeps")
     if not names:
         raise SystemExit(f"error: no sweep in {args.results_dir}")
     for name in names:
-        runs = read_results(args.results_dir / name)
-        finished = {(r.algo, r.env, r.seed) for r in runs}
-        runs += [r for folder in args.live for r in read_live(folder) if (r.algo, r.env, r.seed) not in finished]
+        # One copy of each run: its result file if it finished, else its TensorBoard events, else its output.
+        copies = [*read_logs(args.unfinished_dir / name), *(r for folder in args.live for r in read_live(folder))]
+        runs = list({(r.algo, r.env, r.seed): r for r in copies + read_results(args.results_dir / name)}.values())
         if not runs:
             raise SystemExit(f"error: sweep {name} has no runs with an evaluation yet")
         draw_sweep(args, name, runs)

@@ -53,7 +53,7 @@ def test_bootstrap_resamples_seeds_within_each_env():
 
 
 def write_result(results: Path, algo: str, env: str, seed: int, returns: list[float]) -> None:
-    path = results / algo / env / f"seed{seed}.json"
+    path = results / algo / env.replace("/", "-") / f"seed{seed}.json"  # as sweep.py names it
     path.parent.mkdir(parents=True, exist_ok=True)
     curve = [{"step": 50_000 * (i + 1), "return": r, "train_seconds": 600.0 * (i + 1)} for i, r in enumerate(returns)]
     command = f"python {algo}_jax.py --critic-width 256 --env-id {env} --seed {seed}"
@@ -112,3 +112,43 @@ def test_redraw_writes_figures_and_the_table_between_markers(tmp_path):
     assert "(docs/figures/tiny_steps.png)" not in text and "(figures/tiny_steps.png)" in text  # relative to the page
     plot.main(args)
     assert page.read_text() == text  # a redraw of the same data changes nothing
+
+
+def test_runs_stopped_early_are_read_from_their_printed_output(tmp_path):
+    """A run cut short (a lent GPU's time ran out) leaves only its sweep log.txt. Its returns and training
+    time come from what it printed; where a resumed run printed a step again, the later print wins; a run
+    that finished is read from its result file, not from its log. A DMC id's / is - in the folder name."""
+    env, folder = "dm_control/reacher-easy-v0", "dm_control-reacher-easy-v0"
+    write_result(tmp_path / "results" / "tiny", "crossq", env, 1, [600.0, 900.0])
+    start = f"# 2026-12-04T14:49:25 $ /venv/bin/python3 /repo/crossq_jax.py --critic-width 256 --env-id {env} --seed"
+    logs = tmp_path / "unfinished" / "tiny" / "crossq" / folder
+    for seed, lines in {
+        1: [f"{start} 1", "step=50000 SPS=100 episodic_return=1.0", "step=50000 eval/episodic_return=9999.0 +- 0"],
+        2: [f"{start} 2", "run x: logging to runs/x", "step=50000 SPS=100 episodic_return=1.0 ETA=? qf_loss=1.0",
+            "step=50000 eval/episodic_return=100.0 +- 5.0 (10 episodes)", "stopped by SIGTERM; checkpoint written",
+            f"{start} 2 --resume runs/x", "step=50000 SPS=125 episodic_return=2.0 ETA=0:00:10",
+            "step=50000 eval/episodic_return=300.0 +- 5.0 (10 episodes)", "step=80000 SPS=80 episodic_return=3.0",
+            "step=80000 eval/episodic_return=700.5 +- 1.0 (10 episodes)"],
+    }.items():  # fmt: skip
+        (logs / f"seed{seed}").mkdir(parents=True)
+        (logs / f"seed{seed}" / "log.txt").write_text("\n" + "\n".join(lines) + "\n")
+
+    stopped = {run.seed: run for run in plot.read_logs(tmp_path / "unfinished" / "tiny")}
+    assert (stopped[2].algo, stopped[2].env) == ("crossq", env)
+    assert stopped[2].curve == [
+        {"step": 50_000, "return": 300.0, "train_seconds": 400.0},  # 50000 steps at 125 SPS, the resumed print
+        {"step": 80_000, "return": 700.5, "train_seconds": 1000.0},
+    ]
+    assert stopped[2].source["command"] == f"python crossq_jax.py --critic-width 256 --env-id {env} --seed 2"
+
+    page = tmp_path / "results.md"
+    args = plot.PlotArgs(sweeps=["tiny"], results_dir=tmp_path / "results", unfinished_dir=tmp_path / "unfinished",
+                         figures_dir=tmp_path / "figures", page=page, bootstrap_reps=50)  # fmt: skip
+    assert plot.main(args) == 0
+    text = page.read_text()
+    # 50k: seed 1's result file (600, not its log's 9999) and seed 2's 300: IQM of two is their mean, and the
+    # 15th/85th percentiles are 300 + 0.15 * 300 and 300 + 0.85 * 300. 100k: only seed 1 got there.
+    assert f"| {env} | crossq | 450 [345, 555] (2) | 900 [900, 900] (1) | — |" in text
+    assert "`python crossq_jax.py --critic-width 256 --env-id ENV --seed SEED`" in text
+    assert "stopped before their last step, read from the output they printed" in text and ": 1 runs" in text
+    assert "aggregate" not in text  # no paper reference for a DMC task: nothing to normalise by

@@ -17,6 +17,9 @@ from pathlib import Path
 import pytest
 from conftest import REPO, script_env
 
+sys.path.insert(0, str(REPO / "experiments"))
+import sweep  # (experiments/ is no package: found through sys.path)
+
 SWEEP = REPO / "experiments" / "sweep.py"
 # Two evaluations (at 300 and 600) and a checkpoint at 300, from which a stopped run continues.
 TINY_RUN = (
@@ -243,3 +246,17 @@ def test_slurm_sweep_finishes_every_run_through_preemption_and_time_limit(slurm_
         assert f"crossq/Pendulum-v1/seed{seed}: stopped (exit 143)" in tasks_output, tasks_output
     again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "0 of 2 runs submitted" in again.stdout, again.stdout + again.stderr
+
+
+def test_a_dmc_env_id_is_one_folder_of_the_cell(tmp_path):
+    """`dm_control/reacher-easy-v0` names one folder level, as the training scripts name their runs, so that
+    the cell's run folder and result file sit where plot.py reads {algo}/{env}/seed{seed}; the run still
+    gets the env id itself."""
+    grid = tmp_path / "grid.toml"
+    grid.write_text(
+        'name = "dmc"\nenvs = ["dm_control/reacher-easy-v0"]\nseeds = [3]\n[algos.crossq]\ncommand = "crossq_jax.py"\n'
+    )
+    (cell,) = sweep.load_grid(grid)[1]
+    assert sweep.cell_dir(tmp_path, cell) == tmp_path / "crossq" / "dm_control-reacher-easy-v0" / "seed3"
+    assert sweep.result_file(tmp_path, cell) == tmp_path / "crossq" / "dm_control-reacher-easy-v0" / "seed3.json"
+    assert cell.argv()[-4:] == ["--env-id", "dm_control/reacher-easy-v0", "--seed", "3"]
