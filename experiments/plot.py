@@ -22,7 +22,7 @@ algorithm, over seeds:
 Figures go to docs/figures/{sweep}_steps.png (return against env steps, Figure 5),
 {sweep}_time.png (return against training wall-clock, Figure 6) and {sweep}_aggregate.png; the table of
 IQM at fixed steps and the runs' provenance go into docs/results.md between this sweep's markers, so
-the prose around them stays.
+the prose around them stays, and the table and figures into README.md where it has the sweep's markers.
 """
 
 from __future__ import annotations
@@ -71,6 +71,8 @@ class PlotArgs:
     """where the PNG figures go"""
     page: Path = REPO / "docs" / "results.md"
     """the Markdown page whose generated block (between this sweep's markers) gets the table"""
+    readme: Path = REPO / "README.md"
+    """a second page that gets the table and figures (not the runs' provenance) where it has the sweep's markers"""
     table_steps: list[int] = dataclasses.field(default_factory=lambda: [50_000, 100_000])
     """the env steps of the table's columns"""
     bootstrap_reps: int = 2000
@@ -350,20 +352,32 @@ def draw_sweep(args: PlotArgs, name: str, runs: list[Run]) -> None:
     if curves:
         figures["aggregate"] = f"{name}_aggregate.png"
         aggregate_figure(curves, envs, args.figures_dir / figures["aggregate"])
-    link = lambda key: os.path.relpath(args.figures_dir / figures[key], args.page.parent)
-    block = [
-        f"IQM over seeds [70% quantile interval] (seeds) of `eval/episodic_return`, sweep `{name}`:",
-        "",
-        table(grouped, args.table_steps),
-        "",
-        f"![return against env steps]({link('steps')})",
-        f"![return against training wall-clock]({link('time')})",
-    ]
-    if curves:
-        block.append(f"![aggregate over {', '.join(envs)}]({link('aggregate')})")
-    block += ["", "Runs:", "", provenance(runs)]
-    update_page(args.page, name, "\n".join(block))
-    print(f"{name}: runs drawn: {len(runs)}; figures in {args.figures_dir}; table in {args.page}")
+
+    titles = {"steps": "return against env steps", "time": "return against training wall-clock"}
+    titles["aggregate"] = f"aggregate over {', '.join(envs)}"
+
+    def block(page: Path, full: bool) -> str:
+        """This sweep's generated block of `page`: the table and figures; in full, the runs' provenance too."""
+        link = lambda path: os.path.relpath(path, page.parent)
+        shown = [key for key in ("steps", "time", "aggregate") if key in figures and (full or key != "time")]
+        lines = [
+            f"IQM over seeds [70% quantile interval] (seeds) of `eval/episodic_return`, sweep `{name}`:",
+            "",
+            table(grouped, args.table_steps),
+            "",
+            *(f"![{titles[key]}]({link(args.figures_dir / figures[key])})" for key in shown),
+            "",
+        ]
+        if full:
+            return "\n".join([*lines, "Runs:", "", provenance(runs)])
+        return "\n".join([*lines, f"Commands, commits, seeds and machines: [{link(args.page)}]({link(args.page)})."])
+
+    update_page(args.page, name, block(args.page, full=True))
+    pages = str(args.page)
+    if args.readme.exists() and BEGIN.format(name) in args.readme.read_text():
+        update_page(args.readme, name, block(args.readme, full=False))
+        pages += f" and {args.readme}"
+    print(f"{name}: runs drawn: {len(runs)}; figures in {args.figures_dir}; table in {pages}")
 
 
 def main(args: PlotArgs) -> int:

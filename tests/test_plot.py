@@ -91,8 +91,12 @@ def test_redraw_writes_figures_and_the_table_between_markers(tmp_path):
     page.parent.mkdir()
     page.write_text("# Results\n\nProse before.\n\n<!-- experiments/plot.py: tiny begins (generated, do not edit) -->\n"
                     "old table\n<!-- experiments/plot.py: tiny ends -->\n\nProse after.\n")  # fmt: skip
+    readme = tmp_path / "README.md"  # shows the sweep where it has its markers: the table and figures, no provenance
+    readme.write_text("# Project\n\n<!-- experiments/plot.py: tiny begins (generated, do not edit) -->\n"
+                      "<!-- experiments/plot.py: tiny ends -->\n\n## Usage\n")  # fmt: skip
     args = plot.PlotArgs(sweeps=["tiny"], live=[work, tmp_path / "runs"], results_dir=tmp_path / "results",
-                         figures_dir=tmp_path / "docs" / "figures", page=page, bootstrap_reps=200)  # fmt: skip
+                         figures_dir=tmp_path / "docs" / "figures", page=page, readme=readme,
+                         bootstrap_reps=200)  # fmt: skip
     assert plot.main(args) == 0
 
     for name in ("tiny_steps.png", "tiny_time.png", "tiny_aggregate.png"):
@@ -110,8 +114,13 @@ def test_redraw_writes_figures_and_the_table_between_markers(tmp_path):
     assert "| Walker2d-v4 | sac_jax | 50 [50, 50] (1) | — | — |" in text
     assert "`python crossq_jax.py --critic-width 256 --env-id ENV --seed SEED`" in text
     assert "(docs/figures/tiny_steps.png)" not in text and "(figures/tiny_steps.png)" in text  # relative to the page
+    shown = readme.read_text()
+    assert shown.startswith("# Project\n\n") and shown.endswith("\n\n## Usage\n")
+    assert "| Hopper-v4 | crossq | 1250 [725, 2325] (4) | 2500 [1450, 4650] (4) | 2764 |" in shown
+    assert "(docs/figures/tiny_steps.png)" in shown and "(docs/figures/tiny_aggregate.png)" in shown
+    assert "tiny_time.png" not in shown and "Runs:" not in shown and "[docs/results.md](docs/results.md)" in shown
     plot.main(args)
-    assert page.read_text() == text  # a redraw of the same data changes nothing
+    assert page.read_text() == text and readme.read_text() == shown  # a redraw of the same data changes nothing
 
 
 def test_runs_stopped_early_are_read_from_their_printed_output(tmp_path):
@@ -143,7 +152,8 @@ def test_runs_stopped_early_are_read_from_their_printed_output(tmp_path):
 
     page = tmp_path / "results.md"
     args = plot.PlotArgs(sweeps=["tiny"], results_dir=tmp_path / "results", unfinished_dir=tmp_path / "unfinished",
-                         figures_dir=tmp_path / "figures", page=page, bootstrap_reps=50)  # fmt: skip
+                         figures_dir=tmp_path / "figures", page=page, readme=tmp_path / "README.md",
+                         bootstrap_reps=50)  # fmt: skip
     assert plot.main(args) == 0
     text = page.read_text()
     # 50k: seed 1's result file (600, not its log's 9999) and seed 2's 300: IQM of two is their mean, and the
