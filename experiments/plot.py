@@ -206,6 +206,7 @@ def curve_figure(grouped, x_axis: str, path: Path) -> None:
     fig, axes = plt.subplots(1, len(envs), figsize=(4.2 * len(envs), 3.4), squeeze=False)
     longest = max(p["train_seconds"] or 0 for e in grouped.values() for rs in e.values() for r in rs for p in r.curve)
     unit, per = ("hours", 3600.0) if longest > 3 * 3600 else ("minutes", 60.0)
+    starred = False  # whether any panel shows a paper number (DeepMind Control tasks have none)
     for ax, env in zip(axes[0], envs, strict=True):
         for algo, runs in sorted(grouped[env].items()):
             returns = at_steps(runs)
@@ -225,6 +226,7 @@ def curve_figure(grouped, x_axis: str, path: Path) -> None:
             if x_axis == "steps" and env in PAPER_100K.get(PAPER_NAME.get(algo, ""), {}):
                 paper = PAPER_100K[PAPER_NAME[algo]][env]
                 ax.plot([100_000], [paper], marker="*", markersize=11, color=c, markeredgecolor="black", linestyle="")
+                starred = True
         ax.set_title(env)
         if x_axis == "steps":
             steps_axis(ax)
@@ -233,7 +235,7 @@ def curve_figure(grouped, x_axis: str, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="upper left")
     axes[0][0].set_ylabel("IQM return (70% quantile interval)")
-    if x_axis == "steps":
+    if starred:
         fig.text(
             0.5, -0.02, "stars: the paper's return at 100k steps (critic width 2048, mean of 10 seeds)", ha="center"
         )
