@@ -40,7 +40,7 @@ import numpy as np
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sweep.py, beside this file
-from sweep import read_curve  # the sweep's own reading of a run's TensorBoard events
+from sweep import eval_curve, read_curve  # the sweep's own reading of a run's evaluations
 
 REPO = Path(__file__).resolve().parents[1]
 # The paper's numbers at 100k env steps (SPEC section 8: CrossQ at critic width 2048, and the baselines;
@@ -144,9 +144,8 @@ def read_live(folder: Path) -> list[Run]:
 
 def read_logs(folder: Path) -> list[Run]:
     """Runs stopped before their last step, from what they printed (the log.txt of each {algo}/{env}/seed{N} cell
-    of a sweep): the points of sweep.read_curve, with the training seconds at an evaluation again step / SPS at
-    that step, and the returns as printed (to 0.1). A run continued after a stop prints a step again: the
-    last print wins, as the TensorBoard reader keeps the newest events."""
+    of a sweep): the curve read_curve makes from TensorBoard, here from the printed returns (to 0.1) and SPS.
+    A run continued after a stop prints a step again: the last print wins, as read_curve keeps the newest events."""
     runs = []
     for log in sorted(folder.glob("*/*/seed*/log.txt")):
         sps, returns, commands = {}, {}, []
@@ -163,9 +162,9 @@ def read_logs(folder: Path) -> list[Run]:
         command = "python " + shlex.join([Path(first[1]).name, *first[2:]])
         # The env id and seed as the run had them (a folder name has the env id's / as -).
         algo, env, seed = log.parts[-4], first[first.index("--env-id") + 1], int(first[first.index("--seed") + 1])
-        curve = [{"step": step, "return": value, "train_seconds": step / sps[step] if sps.get(step) else None}
-                 for step, value in sorted(returns.items())]  # fmt: skip
-        runs.append(Run(algo, env, seed, curve, {"log": log, "command": command, "env": env, "seed": seed}))
+        runs.append(
+            Run(algo, env, seed, eval_curve(returns, sps), {"log": log, "command": command, "env": env, "seed": seed})
+        )
     return runs
 
 
@@ -355,8 +354,8 @@ def draw_sweep(args: PlotArgs, name: str, runs: list[Run]) -> None:
         figures["aggregate"] = f"{name}_aggregate.png"
         aggregate_figure(curves, envs, args.figures_dir / figures["aggregate"])
 
-    titles = {"steps": "return against env steps", "time": "return against training wall-clock"}
-    titles["aggregate"] = f"aggregate over {', '.join(envs)}"
+    titles = {"steps": "return against env steps", "time": "return against training wall-clock",
+              "aggregate": f"aggregate over {', '.join(envs)}"}  # fmt: skip
 
     def block(page: Path, full: bool) -> str:
         """This sweep's generated block of `page`: the table and figures; in full, the runs' provenance too."""

@@ -210,11 +210,15 @@ def read_curve(run_dir: Path) -> list[dict]:
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})  # purges what a resume superseded
     events.Reload()
     sps = {e.step: e.value for e in events.Scalars("charts/SPS")}
-    curve = []
-    for e in events.Scalars("eval/episodic_return"):
-        seconds = e.step / sps[e.step] if sps.get(e.step) else None
-        curve.append({"step": e.step, "return": e.value, "train_seconds": seconds})
-    return curve
+    return eval_curve({e.step: e.value for e in events.Scalars("eval/episodic_return")}, sps)
+
+
+def eval_curve(returns: dict[int, float], sps: dict[int, float]) -> list[dict]:
+    """The points of a result file's curve from {step: mean eval return} and {step: SPS logged there}."""
+    return [
+        {"step": step, "return": value, "train_seconds": step / sps[step] if sps.get(step) else None}
+        for step, value in sorted(returns.items())
+    ]
 
 
 def write_result(path: Path, cell: Cell, run_dir: Path, provenance: dict) -> None:
