@@ -5,7 +5,9 @@
 import contextlib
 import ctypes.util
 import dataclasses
+import itertools
 import json
+import operator
 import os
 import random
 import shutil
@@ -424,6 +426,21 @@ def buffer_sample(buffer: ReplayBuffer, key: jax.Array, batch_size: int) -> Tran
     return Transition(*(getattr(buffer, name)[indices] for name in Transition._fields))
 
 
+def pack_step(obs, action, reward, terminated, next_obs, policy_obs) -> np.ndarray:
+    """An env step as the one float32 array it crosses to the device in: the transition, then the observation
+    the next action is drawn for (`next_obs`, or the next episode's first after a reset)."""
+    return np.concatenate([obs, action, [reward, terminated], next_obs, policy_obs], dtype=np.float32)
+
+
+def store_step(buffer: ReplayBuffer, step_data: jax.Array) -> tuple[ReplayBuffer, jax.Array]:
+    """Write the transition of a `pack_step` array to the buffer; hand back its observation for the next action,
+    now on the device (a batch of one), so that the step needs no second transfer."""
+    obs_dim, action_dim = buffer.obs.shape[1], buffer.actions.shape[1]
+    ends = np.cumsum([obs_dim, action_dim, 2, obs_dim])
+    obs, action, (reward, terminated), next_obs, policy_obs = jnp.split(step_data, ends)
+    return buffer_add(buffer, Transition(obs, action, reward, next_obs, terminated)), policy_obs[None]
+
+
 # ALGO LOGIC: the CrossQ update
 def create_agent(args: Args, obs_dim: int, action_dim: int, key: jax.Array) -> AgentState:
     """Fresh actor, critic ensemble and entropy coefficient; the modules ride along as `apply_fn`."""
@@ -495,8 +512,21 @@ def alpha_loss(params: dict, logp: jax.Array, target_entropy: float) -> jax.Arra
 
 
 def make_train_step(args: Args, action_dim: int):
-    """Build the jitted per-env-step update: `utd` CrossQ updates on batches from the buffer."""
+    """Build the jitted per-env-step program: the step's `utd` CrossQ updates, then the next env step's action.
+
+    `train_step(agent, metrics, buffer, keys, obs, actor_updates)` -> (agent, metrics, keys, action for `obs`).
+    `actor_updates` (static: one compiled program per pattern) says which of the step's critic updates the actor
+    follows; the host knows it exactly (see `actor_update_pattern`). Deciding it inside the program would take a
+    `lax.cond`, and on a GPU a conditional stops the launching thread until every kernel before it has finished.
+    """
     target_entropy = -float(action_dim)
+
+    def update_critic(agent: AgentState, metrics: Metrics, batch: Transition, key: jax.Array):
+        (qf_loss, (batch_stats, qf_values)), grads = jax.value_and_grad(critic_loss, has_aux=True)(
+            agent.critic.params, agent, batch, key, args.gamma
+        )
+        agent = agent._replace(critic=agent.critic.apply_gradients(grads=grads).replace(batch_stats=batch_stats))
+        return agent, metrics._replace(qf_loss=qf_loss, qf_values=qf_values)
 
     def update_actor_and_alpha(agent: AgentState, metrics: Metrics, obs: jax.Array, key: jax.Array):
         (loss, (batch_stats, logp)), grads = jax.value_and_grad(actor_loss, has_aux=True)(
@@ -510,54 +540,80 @@ def make_train_step(args: Args, action_dim: int):
         )
         return agent._replace(actor=actor_state, log_alpha=log_alpha), metrics
 
-    def update(agent: AgentState, metrics: Metrics, buffer: ReplayBuffer, key: jax.Array):
-        batch_key, critic_key, actor_key = jax.random.split(key, 3)
-        batch = buffer_sample(buffer, batch_key, args.batch_size)
-        (qf_loss, (batch_stats, qf_values)), grads = jax.value_and_grad(critic_loss, has_aux=True)(
-            agent.critic.params, agent, batch, critic_key, args.gamma
-        )
-        agent = agent._replace(critic=agent.critic.apply_gradients(grads=grads).replace(batch_stats=batch_stats))
-        metrics = metrics._replace(qf_loss=qf_loss, qf_values=qf_values)
-        # The actor learns on the same batch after every `policy_delay`-th critic update.
-        return jax.lax.cond(
-            agent.critic.step % args.policy_delay == 0,
-            update_actor_and_alpha,
-            lambda agent, metrics, *_: (agent, metrics),
-            agent,
-            metrics,
-            batch.obs,
-            actor_key,
-        )
+    def updates(agent: AgentState, metrics: Metrics, inputs: tuple, with_actor: bool):
+        """A critic update on each batch of `inputs` (batches, critic keys, actor keys), each followed by an actor
+        update on the same batch if `with_actor`; also returns whether each update's losses are finite."""
 
-    def train_step(agent: AgentState, buffer: ReplayBuffer, metrics: Metrics, key: jax.Array, step: int):
-        # The buffer is only read here: storing happens in its own jitted call, since XLA on CPU
-        # copies whole buffer columns when one call both writes and samples the buffer.
-        def update_and_check(carry, key):
-            agent, metrics = update(*carry, buffer, key)
+        def update(carry, inputs):
+            (agent, metrics), (batch, critic_key, actor_key) = carry, inputs
+            agent, metrics = update_critic(agent, metrics, batch, critic_key)
+            if with_actor:
+                agent, metrics = update_actor_and_alpha(agent, metrics, batch.obs, actor_key)
             return (agent, metrics), jnp.isfinite(jnp.stack([getattr(metrics, name) for name in LOSS_NAMES]))
 
-        (agent, metrics), finite = jax.lax.scan(update_and_check, (agent, metrics), jax.random.split(key, args.utd))
-        # Remember the first env step with a NaN/inf loss; the host looks at it only when it logs.
-        # Every update counts, not only the step's last: at UTD 20 an inf loss in update k leaves
-        # the parameters finite but Adam's second moment inf, and later updates may look fine.
-        finite = finite.all(axis=0)
+        # A loop of known length: on a GPU no host round trip (and XLA removes a loop of one update).
+        return jax.lax.scan(update, (agent, metrics), inputs)
+
+    def train_step(
+        agent: AgentState,
+        metrics: Metrics,
+        buffer: ReplayBuffer,
+        keys: dict,
+        obs: jax.Array,
+        actor_updates: tuple[bool, ...],
+    ):
+        # The buffer is only read here: storing happens in its own jitted call, since XLA on CPU copies whole
+        # buffer columns when one call both writes and samples the buffer. All of the step's batches are drawn
+        # first, so that no loop carries or closes over the buffer.
+        next_update_key, step_key = jax.random.split(keys["update"])
+        batch_keys, critic_keys, actor_keys = jnp.moveaxis(
+            jax.vmap(lambda key: jax.random.split(key, 3))(jax.random.split(step_key, args.utd)), 1, 0
+        )
+        batches = jax.vmap(lambda key: buffer_sample(buffer, key, args.batch_size))(batch_keys)
+        finite, done = [], 0
+        for with_actor, run in itertools.groupby(actor_updates):  # runs of alike updates, in order
+            n = len(list(run))
+            part = operator.itemgetter(slice(done, done + n))
+            inputs = jax.tree.map(part, (batches, critic_keys, actor_keys))
+            done += n
+            (agent, metrics), run_finite = updates(agent, metrics, inputs, with_actor)
+            finite.append(run_finite)
+        # Remember the first env step with a NaN/inf loss; the host looks at it only when it logs. Every update
+        # counts, not only the step's last: at UTD 20 an inf loss in update k leaves the parameters finite but
+        # Adam's second moment inf, and later updates may look fine. The env step follows from the update count.
+        finite = jnp.concatenate(finite).all(axis=0)
         first = (metrics.nonfinite_step < 0) & ~finite.all()
+        step = args.learning_starts + agent.critic.step // args.utd
         metrics = metrics._replace(
             nonfinite_step=jnp.where(first, step, metrics.nonfinite_step),
             nonfinite_loss=jnp.where(first, jnp.argmin(finite), metrics.nonfinite_loss),
         )
-        return agent, metrics
+        # This step's action was drawn with split(explore key)[1] (see `explore`): move the key past it, then draw
+        # the next step's action with the updated actor. The barrier keeps XLA from fusing the draw into the
+        # updates: fused, its action could differ in the last bit from what `explore` alone draws (seen on a CPU),
+        # and a resumed run, whose first action `explore` draws, would part from an uninterrupted one.
+        explore_key = jax.random.split(keys["explore"])[0]
+        action = explore(*jax.lax.optimization_barrier((agent.actor, obs, explore_key)))
+        return agent, metrics, {"update": next_update_key, "explore": explore_key}, action
 
-    return jax.jit(train_step, donate_argnums=(0, 2))
+    return jax.jit(train_step, static_argnames="actor_updates", donate_argnums=(0, 1))
+
+
+def actor_update_pattern(args: Args, step: int) -> tuple[bool, ...]:
+    """Which of env step `step`'s `utd` critic updates the actor (and alpha) follows: every `policy_delay`-th
+    critic update of the run, counted from learning_starts (a pure function of the step: the same on resume)."""
+    updates_before = (step - args.learning_starts - 1) * args.utd
+    return tuple((updates_before + i) % args.policy_delay == 0 for i in range(1, args.utd + 1))
 
 
 # ALGO LOGIC: acting and evaluation
 @jax.jit
-def explore(actor_state: BNTrainState, obs: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """An exploration action sampled from pi (actor in eval mode), and the next key."""
-    key, sample_key = jax.random.split(key)
+def explore(actor_state: BNTrainState, obs: jax.Array, explore_key: jax.Array) -> jax.Array:
+    """An exploration action sampled from pi (actor in eval mode) with split(explore_key)[1]. The key moves on to
+    split(explore_key)[0] once that action is taken (in the next train_step), so that the key a checkpoint holds
+    is the one the next draw uses."""
     mean, log_std = actor_state.apply_fn(variables_of(actor_state), obs, train=False)
-    return sample_tanh_gaussian(mean, log_std, sample_key)[0], key
+    return sample_tanh_gaussian(mean, log_std, jax.random.split(explore_key)[1])[0]
 
 
 @jax.jit
@@ -722,32 +778,31 @@ def train(args: Args) -> dict:
     buffer = ReplayBuffer.create(args.buffer_size, obs_dim, action_dim)
     metrics = Metrics.initial()
     train_step = make_train_step(args, action_dim)
-    store = jax.jit(buffer_add, donate_argnums=0)  # its own jitted call: see train_step
+    store = jax.jit(store_step, donate_argnums=0)  # its own jitted call: see train_step
+    keys = {"update": key, "explore": explore_key}
     obs, episodic_return, eval_return = np.zeros(obs_dim, np.float32), float("nan"), float("nan")
 
     def state() -> dict:
         """The arrays a checkpoint holds, under these names (the recorder adds the episode's actions)."""
-        keys = {"update": key, "explore": explore_key}
         return {"agent": agent, "buffer": buffer.filled_part(), "metrics": metrics, "keys": keys, "obs": obs}
 
     start_step = 0
     if args.resume:  # the checkpoint's arrays, generators and env state: the run goes on as if never stopped
         restored, obs, start_step, eval_return = run.resume(state(), env, eval_env)
-        agent, metrics = jax.device_put((restored["agent"], restored["metrics"]))
-        key, explore_key = jax.device_put((restored["keys"]["update"], restored["keys"]["explore"]))
+        agent, metrics, keys = jax.device_put((restored["agent"], restored["metrics"], restored["keys"]))
         buffer = buffer.refill(restored["buffer"])
     else:
         obs, _ = env.reset()
+    # Each learning env step ends with the next step's action, drawn after the step's updates; the first is drawn here.
+    if start_step >= args.learning_starts:
+        next_action = explore(agent.actor, obs[None].astype(np.float32), keys["explore"])
 
     # Around the loop: the SPS clock, and SIGTERM/SIGINT caught; at the end the writer, envs and W&B are closed.
     with run.training(env, eval_env, q_bias_env):
-        # TRY NOT TO MODIFY: start the game
         for global_step in range(start_step + 1, args.total_timesteps + 1):
-            # ALGO LOGIC: put action logic here
             learning = global_step > args.learning_starts
             if learning:
-                action, explore_key = explore(agent.actor, obs[None].astype(np.float32), explore_key)
-                action = np.asarray(action)[0]
+                action = np.asarray(next_action)[0]  # waits for the previous step's device work
                 if not np.isfinite(action).all():
                     raise FloatingPointError(policy_diverged(global_step, metrics))
             else:
@@ -758,26 +813,22 @@ def train(args: Args) -> dict:
                 raise FloatingPointError(
                     f"{args.env_id} returned a NaN/inf observation or reward at env step {global_step}"
                 )
-            # Bootstrap through time-limit truncations: only a true terminal ends the return.
-            transition = Transition(
-                obs.astype(np.float32),
-                action.astype(np.float32),
-                np.float32(reward),
-                next_obs.astype(np.float32),
-                np.float32(terminated),
-            )
-            buffer = store(buffer, transition)
-            if learning:
-                key, update_key = jax.random.split(key)
-                agent, metrics = train_step(agent, buffer, metrics, update_key, global_step)
-
-            if terminated or truncated:
+            policy_obs = next_obs
+            if terminated or truncated:  # reset before the device work: it touches only the env's own generator
                 episodic_return = float(info["episode"]["r"])
                 writer.add_scalar("charts/episodic_return", episodic_return, global_step)
                 writer.add_scalar("charts/episodic_length", info["episode"]["l"], global_step)
-                obs, _ = env.reset()
-            else:
-                obs = next_obs
+                policy_obs, _ = env.reset()
+
+            # One transfer to the device per step. Bootstrap through time-limit truncations: only a true terminal
+            # ends the return.
+            buffer, device_obs = store(buffer, pack_step(obs, action, reward, terminated, next_obs, policy_obs))
+            obs = policy_obs
+            if learning:  # this step's updates, then the next step's action: one compiled program, no host wait
+                actor_updates = actor_update_pattern(args, global_step)
+                agent, metrics, keys, next_action = train_step(agent, metrics, buffer, keys, device_obs, actor_updates)
+            elif global_step == args.learning_starts:
+                next_action = explore(agent.actor, device_obs, keys["explore"])
 
             if global_step % args.log_freq == 0:  # charts/SPS, losses/* and one plain line with the time left
                 run.log_progress(global_step, learning, episodic_return, agent, metrics)

@@ -1,5 +1,6 @@
 """Helpers shared by the tests of the three training scripts."""
 
+import collections
 import importlib
 import json
 import os
@@ -59,6 +60,27 @@ def pytest_sessionfinish(session, exitstatus):
 def module_of(script: str):
     """The training script `script` as an imported module (`import crossq_jax` from the repo root)."""
     return importlib.import_module(script[:-3])
+
+
+def learning_steps(module, args, agent, buffer, n_steps: int, metrics=None, seed: int = 1):
+    """Yield (agent, metrics) after each of `n_steps` learning env steps of `module`'s training loop, from its
+    first: the script's jitted train_step with the actor schedule the loop computes (the next actions drawn for
+    a zero observation). The yielded state is donated to the next step: copy what you keep."""
+    import jax
+
+    train_step = module.make_train_step(args, buffer.actions.shape[1])
+    metrics = module.Metrics.initial() if metrics is None else metrics
+    keys = {"update": jax.random.PRNGKey(seed), "explore": jax.random.PRNGKey(seed + 1)}
+    obs = np.zeros((1, buffer.obs.shape[1]), np.float32)
+    for step in range(args.learning_starts + 1, args.learning_starts + n_steps + 1):
+        actor_updates = module.actor_update_pattern(args, step)
+        agent, metrics, keys, _ = train_step(agent, metrics, buffer, keys, obs, actor_updates)
+        yield agent, metrics
+
+
+def train_steps(module, args, agent, buffer, n_steps: int = 1, metrics=None, seed: int = 1):
+    """(agent, metrics) after `n_steps` learning env steps (see `learning_steps`)."""
+    return collections.deque(learning_steps(module, args, agent, buffer, n_steps, metrics, seed), maxlen=1).pop()
 
 
 def train_in(folder: Path, module, args) -> dict:

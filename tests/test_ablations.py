@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import learning_steps, train_steps
 
 import crossq_jax
 import crossq_td3_jax
@@ -244,9 +245,7 @@ def test_layernorm_mode_normalises_each_sample_in_the_critic_and_leaves_the_acto
         alone = agent.critic.apply_fn({"params": params}, obs[i : i + 1], actions[i : i + 1], train=True)
         np.testing.assert_allclose(alone[:, 0], q[:, i], rtol=1e-5, atol=1e-5)
 
-    agent, metrics = crossq_jax.make_train_step(args, ACTION_DIM)(
-        agent, filled_buffer(crossq_jax, args), crossq_jax.Metrics.initial(), jax.random.PRNGKey(1), 9
-    )
+    agent, metrics = train_steps(crossq_jax, args, agent, filled_buffer(crossq_jax, args))
     assert int(metrics.nonfinite_step) == -1 and int(agent.critic.step) == 1
 
 
@@ -312,9 +311,7 @@ def test_sac_critic_passes_with_and_without_target_networks(target_network):
     agent = sac_jax.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(agent)[0]]
     assert any("target_params" in p for p in paths) == target_network
-    agent, metrics = sac_jax.make_train_step(args, ACTION_DIM)(
-        agent, filled_buffer(sac_jax, args, s, s_next), sac_jax.Metrics.initial(), jax.random.PRNGKey(1), 9
-    )
+    agent, metrics = train_steps(sac_jax, args, agent, filled_buffer(sac_jax, args, s, s_next))
     assert int(metrics.nonfinite_step) == -1
     stats = flat(agent.critic.batch_stats)
     prefix = "VmapCritic_0/Normalization_0/BatchRenorm_0"
@@ -379,10 +376,9 @@ def test_td3_target_schedules_move_the_targets_when_they_should(schedule):
     agent = crossq_td3_jax.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
     assert (agent.targets.actor is None) == (schedule == "authors")
     buffer = filled_buffer(crossq_td3_jax, args)
-    train_step, metrics = crossq_td3_jax.make_train_step(args), crossq_td3_jax.Metrics.initial()
-    for call in range(1, 5):
-        old = snapshot(agent.targets)
-        agent, metrics = train_step(agent, buffer, metrics, jax.random.PRNGKey(call), call)
+    old = snapshot(agent.targets)
+    steps = learning_steps(crossq_td3_jax, args, agent, buffer, 4)
+    for call, (agent, metrics) in enumerate(steps, start=1):  # noqa: B007 (metrics: after the loop)
         if schedule == "authors":
             assert agent.targets.actor is None
             assert_polyak(agent.targets.critic, old.critic, agent.critic.params, 0.25)
@@ -391,6 +387,7 @@ def test_td3_target_schedules_move_the_targets_when_they_should(schedule):
         else:
             assert_polyak(agent.targets.actor, old.actor, agent.actor.params, 0.25)
             assert_polyak(agent.targets.critic, old.critic, agent.critic.params, 0.25)
+        old = snapshot(agent.targets)
     assert int(metrics.nonfinite_step) == -1
 
 

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tyro
+from conftest import learning_steps, train_steps
 
 import crossq_jax as cq
 
@@ -50,8 +51,7 @@ def test_one_update_normalises_current_and_next_states_together():
     s, s_next = np.array([1.0, -2.0, 3.0]), np.array([3.0, 2.0, -1.0])
     buffer = filled_buffer(args, s, s_next)
     agent = cq.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
-    train_step = cq.make_train_step(args, ACTION_DIM)
-    agent, _ = train_step(agent, buffer, cq.Metrics.initial(), jax.random.PRNGKey(1), 9)
+    agent, _ = train_steps(cq, args, agent, buffer)
 
     input_layer = agent.critic.batch_stats["VmapCritic_0"]["Normalization_0"]["BatchRenorm_0"]
     np.testing.assert_array_equal(input_layer["steps"], [1] * args.n_critics)
@@ -113,21 +113,16 @@ def test_actor_changes_exactly_every_policy_delay_critic_updates(utd, policy_del
     args = small_args(utd=utd, policy_delay=policy_delay)
     buffer = filled_buffer(args, [0.5, 1.0, -1.0], [1.0, 0.0, 2.0])
     agent = cq.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
-    train_step = cq.make_train_step(args, ACTION_DIM)
-    metrics = cq.Metrics.initial()
-    key = jax.random.PRNGKey(1)
-    actor_updates = 0
-    for env_step in range(1, 7):
-        before = jax.tree.map(np.asarray, agent.actor.params)
-        critic_steps_before = int(agent.critic.step)
-        key, step_key = jax.random.split(key)
-        agent, metrics = train_step(agent, buffer, metrics, step_key, env_step)
+    actor_updates, before, critic_steps_before = 0, jax.tree.map(np.asarray, agent.actor.params), 0
+    steps = learning_steps(cq, args, agent, buffer, 6)
+    for env_step, (agent, _) in enumerate(steps, start=1):
         critic_steps = range(critic_steps_before + 1, int(agent.critic.step) + 1)
         assert len(critic_steps) == utd
         due = sum(k % policy_delay == 0 for k in critic_steps)
         changed = not all(jax.tree.leaves(jax.tree.map(np.array_equal, before, agent.actor.params)))
         assert changed == (due > 0), f"env step {env_step}"
         actor_updates += due
+        before, critic_steps_before = jax.tree.map(np.asarray, agent.actor.params), int(agent.critic.step)
     assert int(agent.actor.step) == actor_updates == 6 * utd // policy_delay
 
 

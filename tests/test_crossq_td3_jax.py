@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import read_scalars, run_dirs, run_script
+from conftest import learning_steps, read_scalars, run_dirs, run_script
 
 import crossq_td3_jax as m
 
@@ -121,13 +121,12 @@ def test_exploration_noise_is_per_dimension():
     agent = m.create_agent(tiny_args(), OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
     obs = 0.3 * jax.random.normal(jax.random.PRNGKey(1), (5000, OBS_DIM))
     clean = np.asarray(m.act(agent.actor, obs))
-    noisy, key = m.explore(agent.actor, obs, jax.random.PRNGKey(2), 0.1)
+    noisy = m.explore(agent.actor, obs, jax.random.PRNGKey(2), 0.1)
     noise = np.asarray(noisy) - clean
     assert np.abs(clean).max() < 0.8  # so that the [-1, 1] clip (2 sigma away or more) hardly ever binds
     assert np.std(noise, axis=0) == pytest.approx(0.1, abs=0.005)
     assert np.abs(np.corrcoef(noise.T) - np.eye(ACTION_DIM)).max() < 0.05
-    assert not np.array_equal(key, jax.random.PRNGKey(2))  # a fresh key for the next step
-    assert np.array_equal(m.explore(agent.actor, obs, jax.random.PRNGKey(2), 0.0)[0], clean)
+    assert np.array_equal(m.explore(agent.actor, obs, jax.random.PRNGKey(2), 0.0), clean)
 
 
 # The CrossQ update
@@ -208,16 +207,15 @@ def test_actor_changes_exactly_every_policy_delay_critic_updates(policy_delay, u
     args = tiny_args(policy_delay=policy_delay, utd=utd)
     agent = m.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
     buffer = full_buffer(args, jax.random.PRNGKey(1))
-    train_step, metrics = m.make_train_step(args), m.Metrics.initial()
-    actor_changes = []
-    for call in range(1, 8):
-        before = snapshot((agent.actor.params, agent.critic.params))
-        agent, metrics = train_step(agent, buffer, metrics, jax.random.PRNGKey(10 + call), call)
+    actor_changes, before = [], snapshot((agent.actor.params, agent.critic.params))
+    steps = learning_steps(m, args, agent, buffer, 7, seed=10)
+    for call, (agent, metrics) in enumerate(steps, start=1):  # noqa: B007 (metrics: after the loop)
         critic_updates = call * utd
         assert int(agent.critic.step) == critic_updates
         assert int(agent.actor.step) == critic_updates // policy_delay
         assert not same(before[1], agent.critic.params)
         actor_changes.append(not same(before[0], agent.actor.params))
+        before = snapshot((agent.actor.params, agent.critic.params))
     expected = [(c * utd) // policy_delay > ((c - 1) * utd) // policy_delay for c in range(1, 8)]
     assert actor_changes == expected
     assert int(metrics.nonfinite_step) == -1
@@ -228,10 +226,9 @@ def test_td3_targets_are_polyak_averaged_on_the_actor_schedule():
     agent = m.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
     assert same(agent.targets, m.Targets(agent.actor.params, agent.critic.params))
     buffer = full_buffer(args, jax.random.PRNGKey(1))
-    train_step, metrics = m.make_train_step(args), m.Metrics.initial()
-    for call in range(1, 5):
-        old_targets = snapshot(agent.targets)
-        agent, metrics = train_step(agent, buffer, metrics, jax.random.PRNGKey(call), call)
+    old_targets = snapshot(agent.targets)
+    steps = learning_steps(m, args, agent, buffer, 4)
+    for call, (agent, _) in enumerate(steps, start=1):
         if call % 2:
             assert same(old_targets, agent.targets)
         else:
@@ -239,6 +236,7 @@ def test_td3_targets_are_polyak_averaged_on_the_actor_schedule():
             expected = jax.tree.map(lambda t, p: 0.75 * t + 0.25 * p, old_targets, live)
             jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), agent.targets, expected)
             assert not same(old_targets, agent.targets)
+        old_targets = snapshot(agent.targets)
 
 
 # Command line

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import read_scalars, run_dirs
+from conftest import learning_steps, read_scalars, run_dirs, train_steps
 
 import sac_jax as sac
 
@@ -62,8 +62,7 @@ def test_target_critics_start_as_a_copy_and_trail_each_update_by_tau():
     agent = sac.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
     assert trees_equal(agent.critic.params, agent.critic.target_params)
     target_before = jax.tree.map(np.asarray, agent.critic.target_params)
-    train_step = sac.make_train_step(args, ACTION_DIM)
-    agent, _ = train_step(agent, buffer, sac.Metrics.initial(), jax.random.PRNGKey(1), 9)
+    agent, _ = train_steps(sac, args, agent, buffer)
     expected = jax.tree.map(lambda p, t: tau * np.asarray(p) + (1 - tau) * t, agent.critic.params, target_before)
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), agent.critic.target_params, expected
@@ -74,9 +73,7 @@ def test_target_critics_start_as_a_copy_and_trail_each_update_by_tau():
 def test_with_tau_one_the_target_equals_the_critic_after_the_last_of_several_updates():
     args = small_args(tau=1.0, utd=3)
     agent = sac.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
-    agent, _ = sac.make_train_step(args, ACTION_DIM)(
-        agent, filled_buffer(args), sac.Metrics.initial(), jax.random.PRNGKey(1), 9
-    )
+    agent, _ = train_steps(sac, args, agent, filled_buffer(args))
     assert int(agent.critic.step) == 3
     assert trees_equal(agent.critic.target_params, agent.critic.params)
 
@@ -219,30 +216,31 @@ def test_each_env_step_runs_utd_critic_updates_and_one_actor_update(preset, utd)
     assert (args.utd, args.policy_delay) == (utd, utd)
     buffer = filled_buffer(args)
     agent = sac.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
-    train_step = sac.make_train_step(args, ACTION_DIM)
-    metrics, key = sac.Metrics.initial(), jax.random.PRNGKey(1)
-    for env_step in range(1, 4):
-        actor_before = jax.tree.map(np.asarray, agent.actor.params)
-        key, step_key = jax.random.split(key)
-        agent, metrics = train_step(agent, buffer, metrics, step_key, env_step)
+    actor_before = jax.tree.map(np.asarray, agent.actor.params)
+    steps = learning_steps(sac, args, agent, buffer, 3)
+    for env_step, (agent, metrics) in enumerate(steps, start=1):  # noqa: B007 (metrics: after the loop)
         assert int(agent.critic.step) == env_step * utd
         assert int(agent.actor.step) == int(agent.log_alpha.step) == env_step
         assert not trees_equal(actor_before, agent.actor.params)
+        actor_before = jax.tree.map(np.asarray, agent.actor.params)
     assert int(metrics.nonfinite_step) == -1
 
 
 def test_the_utd_updates_are_one_scan_not_an_unrolled_python_loop():
-    def traced_size(utd: int) -> tuple[str, int]:
+    """REDQ's and DroQ's step: 19 critic updates in one scan, then the one the actor follows."""
+
+    def traced(utd: int) -> str:
         args = small_args(utd=utd, policy_delay=utd)
         agent = sac.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
-        step = sac.make_train_step(args, ACTION_DIM)
-        text = str(jax.make_jaxpr(step)(agent, filled_buffer(args), sac.Metrics.initial(), jax.random.PRNGKey(1), 9))
-        return text, len(text)
+        keys = {"update": jax.random.PRNGKey(1), "explore": jax.random.PRNGKey(2)}
+        inputs = (agent, sac.Metrics.initial(), filled_buffer(args), keys, np.zeros((1, OBS_DIM), np.float32))
+        pattern = sac.actor_update_pattern(args, args.learning_starts + 1)
+        return str(sac.make_train_step(args, ACTION_DIM).trace(*inputs, pattern).jaxpr)
 
-    text_20, size_20 = traced_size(20)
-    _, size_1 = traced_size(1)
-    assert "scan" in text_20 and "length=20" in text_20
-    assert size_20 < 1.2 * size_1  # 20 unrolled updates would trace ~20 times the program
+    text_20, text_1 = traced(20), traced(1)
+    assert "scan" in text_20 and "length=19" in text_20
+    # A critic-only scan beside the one critic-and-actor update: 20 unrolled updates would trace ~20 times.
+    assert len(text_20) < 2 * len(text_1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import OPTIMISED_XLA, SCRIPTS, module_of, read_scalars, run_dirs, train_in
+from conftest import OPTIMISED_XLA, SCRIPTS, module_of, read_scalars, run_dirs, train_in, train_steps
 
 CROSSQ_SCRIPTS = ["crossq_jax.py", "crossq_td3_jax.py"]  # the two with Batch Renormalization
 SAC_BASED = ["crossq_jax.py", "sac_jax.py"]  # a tanh-Gaussian actor and a learned entropy coefficient
@@ -29,12 +29,6 @@ def small_args(script: str, preset: str | None = None, **overrides):
     args = module.parse_args([preset] if preset else [])
     small = {"critic_width": 16, "actor_width": 16, "batch_size": 8, "learning_starts": 8, "buffer_size": 64}
     return dataclasses.replace(args, **{**small, **overrides})
-
-
-def make_train_step(module, args, action_dim: int = ACTION_DIM):
-    """The script's jitted per-env-step update (crossq_td3_jax's takes no action_dim)."""
-    wants_action_dim = "action_dim" in inspect.signature(module.make_train_step).parameters
-    return module.make_train_step(args, action_dim) if wants_action_dim else module.make_train_step(args)
 
 
 def filled_buffer(module, args, n: int = 16, seed: int = 0):
@@ -194,9 +188,7 @@ def test_alpha_loss_and_a_target_entropy_of_minus_the_action_dimension(script, m
     buffer = module.ReplayBuffer.create(args.buffer_size, OBS_DIM, action_dim)
     buffer = buffer._replace(size=jnp.int32(16))
     agent = module.create_agent(args, OBS_DIM, action_dim, jax.random.PRNGKey(0))
-    agent, metrics = make_train_step(module, args, action_dim)(
-        agent, buffer, module.Metrics.initial(), jax.random.PRNGKey(1), 9
-    )
+    agent, metrics = train_steps(module, args, agent, buffer)
     assert targets == [-3.0]
     assert int(agent.log_alpha.step) == 1 and float(metrics.alpha) != 1.0
 
