@@ -19,7 +19,6 @@ machine compare the rows of one run with each other.
 import argparse
 import dataclasses
 import importlib.util
-import inspect
 import math
 import os
 import platform
@@ -35,8 +34,6 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-warnings.simplefilter("ignore")  # Hopper-v4's "out of date" notice and the like, here and in the subprocesses
-os.environ["PYTHONWARNINGS"] = "ignore"
 ROUNDS, PART_SECONDS = 6, 0.3  # rounds of part timings, seconds per part and round
 # name: (script, the preset word it takes before its flags, the sbx class run at the same settings, a note)
 VARIANTS = {
@@ -57,17 +54,6 @@ def load_script(script: str, repo: Path = REPO):
         sys.modules[name] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(sys.modules[name])
     return sys.modules[name]
-
-
-def train_step_of(module, args, action_dim: int):
-    """The script's jitted per-env-step update for `args` (crossq_td3_jax's make_train_step takes no action_dim)."""
-    takes_action_dim = "action_dim" in inspect.signature(module.make_train_step).parameters
-    return module.make_train_step(args, *([action_dim] if takes_action_dim else []))
-
-
-def noise_of(module, args) -> tuple:
-    """The exploration-noise argument the script's `explore` takes after the key (the TD3-based script's), if any."""
-    return (args.exploration_noise,) if "std" in inspect.signature(module.explore).parameters else ()
 
 
 def run_ours(script: str, argv: list[str], bounds: list[int], repo: Path) -> np.ndarray:
@@ -101,28 +87,28 @@ class Parts:
     def __init__(self, module, args):
         import jax
 
-        self.jax, self.i = jax, 0
+        self.module, self.i = module, 0
         self.env = module.make_env(args.env_id, args.seed)()
         self.obs = self.env.reset(seed=args.seed)[0]
         obs_dim, action_dim = self.env.observation_space.shape[0], self.env.action_space.shape[0]
         self.agent = module.create_agent(args, obs_dim, action_dim, jax.random.PRNGKey(args.seed))
-        self.metrics, self.key = module.Metrics.initial(), jax.random.PRNGKey(args.seed + 1)
-        self.explore = module.explore
-        self.noise = noise_of(module, args)
+        self.metrics = module.Metrics.initial()
+        self.keys = {"update": jax.random.PRNGKey(args.seed + 1), "explore": jax.random.PRNGKey(args.seed + 2)}
+        self.noise = (args.exploration_noise,) if hasattr(args, "exploration_noise") else ()  # the TD3 base's
         self.actions = [self.env.action_space.sample() for _ in range(1000)]
         # The buffer at the loop's capacity (it matters), holding `learning_starts` random transitions.
-        self.store = jax.jit(module.buffer_add, donate_argnums=0)
+        self.store = jax.jit(module.store_step, donate_argnums=0)
         self.buffer = module.ReplayBuffer.create(args.buffer_size, obs_dim, action_dim)
-        rng, f32 = np.random.default_rng(args.seed), np.float32
+        rng = np.random.default_rng(args.seed)
         for _ in range(args.learning_starts + 1):
-            obs, next_obs = rng.normal(size=(2, obs_dim)).astype(f32)
-            action = rng.uniform(-1, 1, action_dim).astype(f32)
-            self.transition = module.Transition(obs, action, f32(rng.normal()), next_obs, f32(0.0))
-            self.buffer = self.store(self.buffer, self.transition)
+            obs, next_obs = rng.normal(size=(2, obs_dim))
+            self.step_data = module.pack_step(obs, rng.uniform(-1, 1, action_dim), rng.normal(), 0.0, next_obs, obs)
+            self.buffer, _ = self.store(self.buffer, self.step_data)
 
-        def update(**changes) -> Callable[[], None]:
-            train_step = train_step_of(module, dataclasses.replace(args, **changes), action_dim)
-            return lambda: self.update(train_step)
+        def update(**changes) -> Callable[..., list[float]]:
+            changed = dataclasses.replace(args, **changes)
+            train_step = module.make_train_step(changed, action_dim)
+            return lambda clock=None: self.update(train_step, changed, clock)
 
         cycle = args.policy_delay // math.gcd(args.policy_delay, args.utd)  # calls until the actor schedule repeats
         self.calls = {  # name: (call, timed in blocks of this many calls)
@@ -147,16 +133,31 @@ class Parts:
         return total / n
 
     def action(self) -> None:
-        action, self.key = self.explore(self.agent.actor, self.obs[None].astype(np.float32), self.key, *self.noise)
-        np.asarray(action)[0]
+        """The first learning step's draw, alone: `explore` and reading its action (later steps draw inside their
+        train_step, so the update rows below include it)."""
+        np.asarray(self.module.explore(self.agent.actor, self.obs[None], self.keys["explore"], *self.noise))[0]
 
-    def update(self, train_step) -> None:
-        """One env step's learning as the loop does it: store, split the key, the jitted train step."""
-        self.buffer = self.store(self.buffer, self.transition)
-        self.key, update_key = self.jax.random.split(self.key)
+    def update(self, train_step, args, clock: Callable[[], float] | None = None) -> list[float]:
+        """One learning env step's device work as the loop does it: store, train_step (the step's updates and the
+        next action), read the action. With `clock`, the times at which each call returned and the action was read."""
         self.i += 1
-        self.agent, self.metrics = train_step(self.agent, self.buffer, self.metrics, update_key, self.i)
-        self.jax.block_until_ready((self.agent, self.metrics))
+        pattern = self.module.actor_update_pattern(args, args.learning_starts + self.i)
+        times = [clock()] if clock else []
+        self.buffer, obs = self.store(self.buffer, self.step_data)
+        times += [clock()] if clock else []
+        self.agent, self.metrics, self.keys, action = train_step(
+            self.agent, self.metrics, self.buffer, self.keys, obs, pattern
+        )
+        times += [clock()] if clock else []
+        np.asarray(action)[0]
+        return times + ([clock()] if clock else [])
+
+    def call_times(self, n: int = 200) -> dict[str, float]:
+        """Median microseconds of one learning env step's calls as configured: until `store` returns, until
+        `train_step` returns (both dispatch work and return early on a GPU), and until its action has been read."""
+        deltas = np.diff([self.calls["update"][0](time.perf_counter) for _ in range(n)], axis=1)
+        names = ["store returns", "train_step returns", "action read"]
+        return dict(zip(names, np.median(deltas, axis=0) * 1e6, strict=True))
 
     def round(self) -> None:
         self.samples["env.step"].append(self.env_seconds())
@@ -274,7 +275,7 @@ def table(rows: list[dict]) -> list[str]:
     ]
     for r in rows:
         step, (env, action, critic, actor, update) = r["step"], [r.get(k) for k in PARTS]
-        other = None if None in (env, action, update) else step - env - action - update
+        other = None if None in (env, update) else step - env - update  # the update includes the next action
         share = "" if update is None else f"{update / step:.0%}"
         ratio = f"{r['ratio']:.2f}x" if "ratio" in r else ""
         lines.append(
@@ -309,7 +310,14 @@ def hardware(peer: bool) -> str:
     )
 
 
+def quiet() -> None:
+    """No warnings (Hopper-v4's "out of date" notice and the like), here and in the scripts this process starts."""
+    warnings.simplefilter("ignore")
+    os.environ["PYTHONWARNINGS"] = "ignore"
+
+
 def main() -> None:
+    quiet()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = parser.add_argument
     add("--widths", type=int, nargs="+", default=[256, 2048], help="critic widths (default 256 2048)")
@@ -351,8 +359,10 @@ def main() -> None:
     print(f"load average at end: {load()}; {time.perf_counter() - started:.0f} s in all\n")
     print(
         f"{options.env_id}, learning starts {options.learning_starts}, seed 1, the scripts' defaults otherwise. Per "
-        "env step; ours: the parts in isolation, update = the jitted store and update(s) as configured, other = step "
-        f"- env.step - action - update (below 0: the parts ran under more load than the loop).\n"
+        "env step; ours: the parts in isolation, action = the first learning step's draw alone, update = the store, "
+        "the update(s) as configured and the next action drawn and read (critic / actor update: the same with one "
+        "critic update, and its actor update), other = step - env.step - update (below 0: the parts ran under more "
+        "load than the loop).\n"
     )
     print("\n".join(table(rows)))
 

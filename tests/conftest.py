@@ -31,6 +31,7 @@ os.environ["XLA_FLAGS"] = (OPTIMISED_XLA["XLA_FLAGS"] + " --xla_backend_optimiza
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ["crossq_jax.py", "crossq_td3_jax.py", "sac_jax.py"]
+sys.path.insert(0, str(REPO / "benchmarks"))  # the tests import the tools' `programs` and `throughput`
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import OPTIMISED_XLA, SCRIPTS, module_of, read_scalars, run_dirs, train_in, train_steps
+from programs import step_programs
 
 CROSSQ_SCRIPTS = ["crossq_jax.py", "crossq_td3_jax.py"]  # the two with Batch Renormalization
 SAC_BASED = ["crossq_jax.py", "sac_jax.py"]  # a tanh-Gaussian actor and a learned entropy coefficient
@@ -344,6 +345,52 @@ def test_a_short_mujoco_run_trains_evaluates_logs_and_saves_a_model_that_acts_as
     monkeypatch.chdir(cwd)
     evaluated = module.evaluate_model(module.parse_args(["--eval-model", str(run_dir), "--eval-episodes", "2"]))
     assert evaluated["eval_return"] == pytest.approx(final_eval[1], rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# One learning env step: two programs (store, train_step), no conditional, the next action inside
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "system,flags",
+    [*[(system, []) for system in SYSTEMS], (("crossq_jax.py", None), ["--utd", "5", "--policy-delay", "2"])],
+    ids=lambda value: system_id(value) if isinstance(value, tuple) else " ".join(value) or "defaults",
+)
+def test_no_per_step_program_holds_a_conditional(system, flags):
+    """On a GPU a conditional makes the launching thread wait until every kernel before it has finished, and
+    cuts the program's CUDA graph: none of the programs a learning env step runs may hold one (for each actor-
+    update pattern of the schedule). Lowered for CUDA, which needs no GPU."""
+    script, preset = system
+    argv = [*([preset] if preset else []), "--critic-width", "16", "--actor-width", "16", "--buffer-size", "1000"]
+    programs = step_programs(module_of(script), [*argv, *flags])
+    patterns = 1 if script == "sac_jax.py" else 2  # policy delay = UTD (SAC, REDQ, DroQ): one pattern
+    assert sum(name.startswith("train_step") for name in programs) == patterns
+    for name, traced in programs.items():
+        text = traced.lower(lowering_platforms=("cuda",)).as_text()
+        assert "stablehlo.case" not in text and "stablehlo.if" not in text, name
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_action_drawn_inside_the_step_is_the_one_explore_draws(script):
+    """train_step ends with the next env step's action: it must be exactly what `explore` draws from the updated
+    actor with the key train_step returns, the draw a resumed run makes for its first step (else a resume would
+    part from the uninterrupted run). And each step draws with a new key."""
+    module = module_of(script)
+    args = small_args(script)
+    agent = module.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
+    buffer = filled_buffer(module, args)
+    train_step = module.make_train_step(args, ACTION_DIM)
+    metrics, keys = module.Metrics.initial(), {"update": jax.random.PRNGKey(1), "explore": jax.random.PRNGKey(2)}
+    obs = jax.random.normal(jax.random.PRNGKey(3), (1, OBS_DIM))
+    noise = (args.exploration_noise,) if hasattr(args, "exploration_noise") else ()
+    actions = []
+    for step in range(args.learning_starts + 1, args.learning_starts + 4):
+        pattern = module.actor_update_pattern(args, step)
+        agent, metrics, keys, action = train_step(agent, metrics, buffer, keys, obs, pattern)
+        np.testing.assert_array_equal(action, module.explore(agent.actor, obs, keys["explore"], *noise))
+        actions.append(np.asarray(action))
+    assert not np.array_equal(actions[0], actions[1]) and not np.array_equal(actions[1], actions[2])
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
