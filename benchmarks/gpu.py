@@ -34,7 +34,7 @@ from throughput import REPO, Parts, hardware, load_script, log, peer_settings, q
 
 SCRIPT = "crossq_jax.py"
 # (widths, learning starts, env steps per SPS window, windows of warm-up, windows of learning, repeats)
-FULL = ([2048, 256], 5000, 500, 8, 8, 2)
+FULL = ([2048, 256], 5000, 500, 8, 6, 2)
 DRY_RUN = ([32, 16], 300, 50, 4, 4, 1)
 
 
@@ -80,8 +80,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="tiny widths and runs: checks that it works")
     parser.add_argument("--no-peer", action="store_true", help="ours only (sbx-rl not installed)")
+    parser.add_argument("--widths", type=int, nargs="+", help="critic widths (default 2048 256; dry run 32 16)")
     options = parser.parse_args()
     widths, learning_starts, every, n_warmup, n_learning, repeats = DRY_RUN if options.dry_run else FULL
+    widths = options.widths or widths
     bounds, n_warmup = windows(learning_starts, every, n_warmup, n_learning)
     module, started = load_script(SCRIPT), time.perf_counter()
     print(f"command: python benchmarks/gpu.py {' '.join(sys.argv[1:])}".rstrip(), flush=True)
