@@ -6,6 +6,7 @@
 import contextlib
 import ctypes.util
 import dataclasses
+import io
 import itertools
 import json
 import operator
@@ -15,6 +16,8 @@ import shutil
 import signal
 import sys
 import time
+import types
+import typing
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Annotated, Any, Literal, NamedTuple
@@ -759,7 +762,7 @@ def log_q_bias(writer: "SummaryWriter", env: gym.Env, agent: AgentState, args: A
 def train(args: Args) -> dict:
     """Run CrossQ-TD3 (or the TD3 baseline) as `args` says; returns the last eval's mean return and the run's name."""
     run = start_run(args)  # every check first; then runs/{run_name} with args.json, W&B and the event writer
-    obs_dim, action_dim, writer = run.obs_dim, run.action_dim, run.writer
+    obs_dim, action_dim = run.obs_dim, run.action_dim
 
     # Seeding: Python and numpy for good measure; the env, its action space and JAX explicitly.
     random.seed(args.seed)
@@ -790,11 +793,12 @@ def train(args: Args) -> dict:
 
     start_step = 0
     if args.resume:  # the checkpoint's arrays, generators and env state: the run goes on as if never stopped
-        restored, obs, start_step, eval_return = run.resume(state(), env, eval_env)
+        restored, obs, start_step, eval_return, episodic_return = run.resume(state(), env, eval_env)
         agent, metrics, keys = jax.device_put((restored["agent"], restored["metrics"], restored["keys"]))
         buffer = buffer.refill(restored["buffer"])
     else:
         obs, _ = env.reset()
+    writer = run.writer  # a resumed run's: made once its checkpoint was restored
     # Each learning env step ends with the next step's action, drawn after the step's updates; the first is drawn here.
     if start_step >= args.learning_starts:
         next_action = explore(agent.actor, obs[None].astype(np.float32), keys["explore"], args.exploration_noise)
@@ -811,10 +815,6 @@ def train(args: Args) -> dict:
                 action = env.action_space.sample()
 
             next_obs, reward, terminated, truncated, info = env.step(action)
-            if not (np.isfinite(reward) and np.isfinite(next_obs).all()):
-                raise FloatingPointError(
-                    f"{args.env_id} returned a NaN/inf observation or reward at env step {global_step}"
-                )
             policy_obs = next_obs
             if terminated or truncated:  # reset before the device work: it touches only the env's own generator
                 episodic_return = float(info["episode"]["r"])
@@ -824,7 +824,10 @@ def train(args: Args) -> dict:
 
             # One transfer to the device per step. Bootstrap through time-limit truncations: only a true terminal
             # ends the return.
-            buffer, device_obs = store(buffer, pack_step(obs, action, reward, terminated, next_obs, policy_obs))
+            step_data = pack_step(obs, action, reward, terminated, next_obs, policy_obs)
+            if not np.isfinite(step_data).all():  # as the float32 the buffer stores: 1e39 is inf there
+                raise FloatingPointError(env_not_finite(args.env_id, global_step))
+            buffer, device_obs = store(buffer, step_data)
             obs = policy_obs
             if learning:  # this step's updates, then the next step's action: one compiled program, no host wait
                 actor_updates = actor_update_pattern(args, global_step)
@@ -848,10 +851,10 @@ def train(args: Args) -> dict:
                 if args.q_bias_freq and global_step % args.q_bias_freq == 0:
                     log_q_bias(writer, q_bias_env, agent, args, global_step)
                 # Every --checkpoint-freq env steps; after SIGTERM/SIGINT, a checkpoint and the end of the run.
-                run.checkpoint_if_due(global_step, state, eval_return, env, eval_env)
+                run.checkpoint_if_due(global_step, state, eval_return, episodic_return, env, eval_env)
 
-    if args.save_model:
-        save_model(agent, run.dir, args.exp_name)
+        if args.save_model:  # still inside: a signal now waits until the model is written
+            save_model(agent, run.dir, args.exp_name)
     return {"eval_return": eval_return, "run_name": run.name}
 
 
@@ -886,76 +889,84 @@ class SummaryWriter:
     def __init__(self, log_dir: str):
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-        self._writer = EventFileWriter(log_dir)
+        self.log_dir = log_dir
+        self._writer = self._io(EventFileWriter, log_dir)
 
     def add_scalar(self, tag: str, value: float, step: int) -> None:
-        from tensorboard.compat.proto import event_pb2, summary_pb2
+        from tensorboard.compat.proto import summary_pb2
 
-        summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, simple_value=float(value))])
-        self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
+        self._add(
+            step, summary=summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, simple_value=float(value))])
+        )
 
     def add_text(self, tag: str, text: str, step: int = 0) -> None:
-        from tensorboard.compat.proto import event_pb2
         from tensorboard.plugins.text.summary_v2 import text_pb
 
-        self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=text_pb(tag, text)))
+        self._add(step, summary=text_pb(tag, text))
 
     def add_session_start(self, step: int) -> None:
         """Mark a restart: TensorBoard discards earlier-logged points at `step` and later."""
         from tensorboard.compat.proto import event_pb2
 
-        session_log = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
-        self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=step, session_log=session_log))
+        self._add(step, session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START))
 
     def close(self) -> None:
-        self._writer.close()
+        self._io(self._writer.close)
+
+    def _add(self, step: int, **event) -> None:
+        from tensorboard.compat.proto import event_pb2
+
+        self._io(self._writer.add_event, event_pb2.Event(wall_time=time.time(), step=step, **event))
+
+    def _io(self, call: Callable, *args: Any) -> Any:
+        """A write that fails (a full disk, say, which the writer's thread reports at a later call) is one line."""
+        try:
+            return call(*args)
+        except Exception as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+            raise ConfigError(f"cannot write TensorBoard events to {self.log_dir}: {reason}") from None
 
 
 def start_run(args: Args) -> "Run":
     """Every check first, so that a refused run leaves no trace; then runs/{run_name} with its args.json, W&B
     and the event writer (a fresh run's first event: the hyperparameters)."""
+    check_backend()
     check_args(args)
     check_optional_dependencies(args)  # first: it may pick MuJoCo's renderer
     obs_dim, action_dim = check_env(args.env_id, render=args.capture_video)
     if args.resume:
         saved_arrays, saved = read_checkpoint(args.resume)
-        check_resume(args, saved)
         run_name, run_dir = saved["run_name"], os.path.dirname(os.path.abspath(checkpoint_file(args.resume)))
+        check_resume(args, saved, model_saved=os.path.exists(model_file(run_dir, args.exp_name)))
     else:
         saved_arrays, saved = None, None
         # "dm_control/reacher-easy" would nest a folder: the run's name takes "dm_control-reacher-easy"
         run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
         run_dir = os.path.join("runs", run_name)
     check_memory(args, obs_dim, action_dim)
-    if args.checkpoint_freq:
-        check_disk(args, run_dir, obs_dim, action_dim)
-    # Every check has passed: only now does the run leave a trace.
-    try:
-        os.makedirs(run_dir, exist_ok=args.resume is not None)
-        with open(os.path.join(run_dir, ARGS_FILE), "w") as f:
-            json.dump(dataclasses.asdict(args), f, indent=2)
-    except OSError as e:
-        raise ConfigError(f"cannot write the run directory {run_dir}: {e.strerror}") from None
-
-    if args.track:
+    check_disk(args, run_dir, obs_dim, action_dim)
+    if args.track:  # before the run folder: a W&B that cannot start leaves nothing behind
         import wandb
 
-        # Before the writer: wandb syncs TensorBoard by patching the event-file writer that it creates.
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            sync_tensorboard=True,
-            config=vars(args),
-            name=run_name,
-            save_code=True,  # no monitor_gym: wandb's hook fails on gymnasium 1.x's RecordVideo
-        )
-    writer = SummaryWriter(run_dir)
-    if saved is None:
-        writer.add_text(
-            "hyperparameters",
-            "|param|value|\n|-|-|\n" + "\n".join(f"|{name}|{value}|" for name, value in vars(args).items()),
-        )
-    return Run(args, run_name, run_dir, obs_dim, action_dim, writer, saved_arrays, saved)
+        try:  # before the writer too: wandb syncs TensorBoard by patching the event-file writer it creates
+            wandb.init(
+                project=args.wandb_project_name,
+                entity=args.wandb_entity,
+                sync_tensorboard=True,
+                config=vars(args),
+                name=run_name,
+                save_code=True,  # no monitor_gym: wandb's hook fails on gymnasium 1.x's RecordVideo
+            )
+        except Exception as e:  # not logged in, no network, a bad entity ...
+            first_line = (str(e).strip().splitlines() or [""])[0]
+            raise ConfigError(
+                f"--track: W&B could not start a run ({type(e).__name__}: {first_line}); `wandb login`, or "
+                "WANDB_MODE=offline to log locally"
+            ) from None
+    run = Run(args, run_name, run_dir, obs_dim, action_dim, saved_arrays, saved)
+    if not args.resume:  # every check has passed: only now does the run leave a trace (a resume: once restored)
+        run.open()
+    return run
 
 
 @dataclasses.dataclass
@@ -968,31 +979,55 @@ class Run:
     dir: str  # runs/{name}
     obs_dim: int
     action_dim: int
-    writer: SummaryWriter
     saved_arrays: dict | None = None  # with --resume: the checkpoint's arrays (until restored)
     saved: dict | None = None  # and its host state
+    writer: SummaryWriter | None = None  # made by open()
 
     def __post_init__(self) -> None:
         self.clock = TrainClock(self.saved["train_seconds"] if self.saved else 0.0)  # started again by training()
         self.eta = time_left(self.args.total_timesteps)
-        self.preemption: dict[str, int] = {}  # {"signum": ...} once SIGTERM or SIGINT arrived
+        self.preemption = STOP_SIGNAL  # {"signum": ...} once SIGTERM or SIGINT arrived
 
-    def resume(self, template: dict, env: "EpisodeRecorder", eval_env: gym.Env) -> tuple[dict, np.ndarray, int, float]:
+    def open(self) -> None:
+        """Leave the run's trace: its folder with args.json, and the event writer (a fresh run's first event: the
+        hyperparameters)."""
+        try:
+            os.makedirs(self.dir, exist_ok=self.saved is not None)
+            with open(os.path.join(self.dir, ARGS_FILE), "w") as f:
+                json.dump(dataclasses.asdict(self.args), f, indent=2)
+        except OSError as e:
+            raise ConfigError(f"cannot write the run directory {self.dir}: {e.strerror}") from None
+        self.writer = SummaryWriter(self.dir)
+        if self.saved is None:
+            table = "\n".join(f"|{name}|{value}|" for name, value in vars(self.args).items())
+            self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+
+    def resume(self, template: dict, env: "EpisodeRecorder", eval_env: gym.Env) -> tuple:
         """The checkpoint's arrays in the structure of `template` (the fresh run's), with the host generators put
         back and the interrupted episode replayed: (the arrays, the env's observation, the env step, the last
-        evaluation's mean return)."""
+        evaluation's mean return, the last episode's return)."""
         saved, start_step = self.saved, self.saved["global_step"]
         template = {**template, "episode_actions": np.zeros((0, self.action_dim), np.float32)}
         restored = restore(template, self.saved_arrays)
         self.saved_arrays = None  # the restored arrays are the run's now
-        set_host_rngs(saved["rngs"], env, eval_env)
-        obs = replay_episode(env, saved["episode_start_rng"], list(restored["episode_actions"]))
+        stored, capacity = restored["buffer"], self.args.buffer_size
+        if not len(stored.rewards) == int(stored.size) <= capacity or not 0 <= int(stored.position) < capacity:
+            raise ConfigError(f"{checkpoint_file(self.args.resume)}: its replay buffer does not fit --buffer-size")
+        try:
+            set_host_rngs(saved["rngs"], env, eval_env)
+            obs = replay_episode(env, saved["episode_start_rng"], list(restored["episode_actions"]))
+        except (KeyError, TypeError, ValueError) as e:  # a host state edited by hand
+            raise ConfigError(f"{checkpoint_file(self.args.resume)}: its generator states are damaged ({e})") from None
         if not np.array_equal(obs, restored["obs"]):
             print("warning: the replayed env state differs from the checkpoint's; the run goes on from it", flush=True)
+        self.open()  # the checkpoint is whole: now the run may write to its folder
         # Tell TensorBoard to drop what the interrupted process logged after its checkpoint.
         self.writer.add_session_start(start_step + 1)
         print(f"resumed {self.name} at env step {start_step} from {checkpoint_file(self.args.resume)}", flush=True)
-        return restored, obs, start_step, saved["eval_return"]
+        if start_step == self.args.total_timesteps:
+            print("its training had finished: writing the model it had not written", flush=True)
+        episodic_return = saved.get("episodic_return", float("nan"))  # checkpoints before 2026-12-06 lack it
+        return restored, obs, start_step, saved["eval_return"], episodic_return
 
     @contextlib.contextmanager
     def training(self, *envs: gym.Env | None) -> Iterator[None]:
@@ -1000,9 +1035,11 @@ class Run:
         its checkpoint) and turns SIGTERM/SIGINT into a checkpoint; however the loop ends, closes the writer,
         `envs` (an evaluation env writes its last video) and W&B."""
         print(f"run {self.name}: logging to {self.dir}", flush=True)
-        self.clock.start()
-        self.preemption, restore_signal_handlers = catch_preemption()
+        restore_signal_handlers = catch_signals()
         try:
+            if self.preemption:  # a signal during the start-up (its compilations): nothing to save yet
+                raise Preempted(self.preemption["signum"], None)
+            self.clock.start()
             yield
         finally:
             restore_signal_handlers()
@@ -1034,11 +1071,18 @@ class Run:
         print(progress, flush=True)
 
     def checkpoint_if_due(
-        self, step: int, state: Callable[[], dict], eval_return: float, env: "EpisodeRecorder", eval_env: gym.Env
+        self,
+        step: int,
+        state: Callable[[], dict],
+        eval_return: float,
+        episodic_return: float,
+        env: "EpisodeRecorder",
+        eval_env: gym.Env,
     ) -> None:
         """Every --checkpoint-freq env steps, and after SIGTERM/SIGINT, write runs/{name}/checkpoint.npz: the arrays
         of `state()` and the current episode's actions, and beside them as JSON what the host holds (the env step,
-        the training seconds, the generators). After a signal, raise Preempted: the run ends (exit 128 + signum)."""
+        the training seconds, the generators). After a signal, raise Preempted: the run ends (exit 128 + signum);
+        at the last step it finishes instead (its model, if asked for, is all that is left)."""
         if not ((self.args.checkpoint_freq and step % self.args.checkpoint_freq == 0) or self.preemption):
             return
         arrays = {**state(), "episode_actions": env.episode_actions()}
@@ -1050,12 +1094,13 @@ class Run:
             "global_step": step,
             "train_seconds": self.clock.trained,
             "eval_return": eval_return,
+            "episodic_return": episodic_return,
             "episode_start_rng": env.start_state,
             "rngs": host_rngs(env, eval_env),
         }
         path = os.path.join(self.dir, CHECKPOINT_FILE)
         write_checkpoint(path, arrays, host_state)
-        if self.preemption:
+        if self.preemption and step < self.args.total_timesteps:
             raise Preempted(self.preemption["signum"], path)
 
 
@@ -1129,19 +1174,40 @@ class EpisodeRecorder(gym.Wrapper):
         return np.asarray(self.actions, np.float32).reshape(-1, self.action_space.shape[0])
 
 
+def model_file(run_dir: str, exp_name: str) -> str:
+    return os.path.join(run_dir, exp_name + MODEL_SUFFIX)
+
+
 def save_model(agent: AgentState, run_dir: str, exp_name: str) -> str:
     """--save-model: the actor and critic (parameters and batch statistics) to runs/{run_name}/{exp_name}.crossq_model;
-    --eval-model reads it back."""
-    model_path = os.path.join(run_dir, exp_name + MODEL_SUFFIX)
-    with open(model_path, "wb") as f:
-        f.write(flax.serialization.to_bytes({"actor": variables_of(agent.actor), "critic": variables_of(agent.critic)}))
+    --eval-model reads it back. Written atomically: a failure leaves no partial file (and the last checkpoint)."""
+    model_path = model_file(run_dir, exp_name)
+    model = flax.serialization.to_bytes({"actor": variables_of(agent.actor), "critic": variables_of(agent.critic)})
+    write_atomically(model_path, lambda f: f.write(model), "the model")
     print(f"model saved to {model_path}", flush=True)
     return model_path
 
 
 # MACHINERY: checks that refuse a bad command line or env in one line, before any compute is spent
+def check_backend() -> None:
+    """JAX must start on the platform it is asked for (JAX_PLATFORMS=cuda without a GPU fails deep inside)."""
+    try:
+        jax.devices()
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        platforms = os.environ.get("JAX_PLATFORMS", "")
+        raise ConfigError(f"JAX cannot start (JAX_PLATFORMS={platforms!r}): {reason}") from None
+
+
 def check_args(args: Args) -> None:
     """Reject hyperparameters that are nonsensical or out of the range their use needs, naming the flag."""
+    # The run's folder and model file carry the name: it must make one valid file name (the run ends writing them).
+    name = args.exp_name
+    if name in ("", ".", "..") or "/" in name or "\0" in name or len((name + MODEL_SUFFIX).encode()) > 255:
+        limit = 255 - len(MODEL_SUFFIX)
+        raise ConfigError(
+            f"--exp-name must make a file name: no '/', not . or .., at most {limit} bytes (got {name!r})"
+        )
     positive = ["total_timesteps", "batch_size", "buffer_size", "critic_width", "actor_width"]
     positive += ["utd", "policy_delay", "n_critics", "eval_episodes", "log_freq", "q_bias_samples", "q_bias_cutoff"]
     for name in positive:
@@ -1230,16 +1296,20 @@ def check_env(env_id: str, render: bool = False) -> tuple[int, int]:
             f"cannot make env {env_id!r} ({type(e).__name__}: {e}); pip install -r requirements-dmc.txt "
             "installs versions that work together"
         ) from None
-    action_space, observation_space = env.action_space, env.observation_space
+    action_space, observation_space = env.action_space, env.observation_space  # observations flattened by gym_make
     env.close()
     if not isinstance(action_space, gym.spaces.Box):
         raise ConfigError(
             f"{env_id} has a {type(action_space).__name__} action space; CrossQ needs a continuous Box action space"
         )
+    if len(action_space.shape) != 1 or action_space.shape[0] == 0:
+        raise ConfigError(f"{env_id} has actions of shape {action_space.shape}; CrossQ needs a vector of them")
     if not np.all(np.isfinite(action_space.low)) or not np.all(np.isfinite(action_space.high)):
         raise ConfigError(f"{env_id} has an unbounded action space; CrossQ needs finite action bounds")
-    if not isinstance(observation_space, gym.spaces.Box) or len(observation_space.shape) != 1:
-        raise ConfigError(f"{env_id} needs flat vector observations (got {observation_space})")
+    if not np.all(action_space.low < action_space.high):
+        raise ConfigError(f"{env_id} has action bounds with low >= high; CrossQ needs low < high")
+    if observation_space.shape[0] == 0:
+        raise ConfigError(f"{env_id} has empty observations (shape {observation_space.shape})")
     return observation_space.shape[0], action_space.shape[0]
 
 
@@ -1287,11 +1357,18 @@ def gym_make(env_id: str, **kwargs) -> gym.Env:
         # The paper's results are on the v4 MuJoCo envs, which gymnasium 1.x calls out of date at every make.
         warnings.filterwarnings("ignore", message=".*is out of date", category=DeprecationWarning)
         env = gym.make(env_id, **kwargs)
-    if isinstance(env.observation_space, gym.spaces.Dict):
-        # DeepMind Control observes a dict of arrays; the networks take one vector: each entry
-        # flattened (a scalar gives one number), in the Dict space's key order, which gymnasium
-        # sorts alphabetically (as the authors' SB3 MultiInputPolicy concatenates them).
-        env = gym.wrappers.FlattenObservation(env)
+    space = env.observation_space
+    if not (isinstance(space, gym.spaces.Box) and len(space.shape) == 1):
+        # The networks take one vector. DeepMind Control observes a dict of arrays: each entry flattened (a scalar
+        # gives one number), in the Dict space's key order, which gymnasium sorts alphabetically (as the authors'
+        # SB3 MultiInputPolicy concatenates them); an image or matrix Box is raveled.
+        try:
+            env = gym.wrappers.FlattenObservation(env)
+        except Exception:  # a space gymnasium cannot flatten (a custom one)
+            env = None
+        flat = env is not None and isinstance(env.observation_space, gym.spaces.Box)  # a Graph flattens to a Graph
+        if not flat or len(env.observation_space.shape) != 1:
+            raise ConfigError(f"{env_id} has observations of {space}, which do not flatten into a vector")
     return env
 
 
@@ -1445,13 +1522,20 @@ def existing_parent(path: str) -> str:
 
 
 def check_disk(args: Args, run_dir: str, obs_dim: int, action_dim: int) -> None:
-    """With --checkpoint-freq, room for a full checkpoint twice: the previous one stays until the next is written."""
-    needed = 2 * sum(part.host for part in memory_estimate(args, obs_dim, action_dim))
+    """Room for what the run will write: with --checkpoint-freq a full checkpoint twice (the previous one stays
+    until the next is written), with --save-model the networks (bounded by their part of a checkpoint)."""
+    parts = memory_estimate(args, obs_dim, action_dim)
+    checkpoint, networks = sum(part.host for part in parts), sum(part.host for part in parts[1:])
+    needed = (2 * checkpoint if args.checkpoint_freq else 0) + (networks if args.save_model else 0)
     free = shutil.disk_usage(existing_parent(run_dir)).free
     if free < needed:
-        raise ConfigError(
-            f"{run_dir} has {free / 1e9:.1f} GB free; a checkpoint of this run needs {needed / 1e9:.1f} GB"
-        )
+        what = " and ".join(["a checkpoint"] * bool(args.checkpoint_freq) + ["the model"] * args.save_model)
+        raise ConfigError(f"{run_dir} has {free / 1e9:.1f} GB free; {what} of this run needs {needed / 1e9:.1f} GB")
+
+
+def env_not_finite(env_id: str, step: int) -> str:
+    """What a NaN/inf observation or reward means: the env's fault, at this step (not a diverged training)."""
+    return f"{env_id} returned an observation or reward that is NaN/inf in float32 (as stored) at env step {step}"
 
 
 def policy_diverged(step: int, metrics: Metrics) -> str:
@@ -1485,10 +1569,11 @@ def check_finite(step: int, agent: AgentState, metrics: Metrics) -> None:
 
 # MACHINERY: checkpoint files: everything a run needs to continue exactly where it stopped
 class Preempted(Exception):
-    """SIGTERM or SIGINT arrived; a checkpoint has been written."""
+    """SIGTERM or SIGINT arrived; a checkpoint has been written (None: the signal came before training started)."""
 
-    def __init__(self, signum: int, checkpoint: str):
-        super().__init__(f"stopped by {signal.Signals(signum).name}; checkpoint written to {checkpoint}")
+    def __init__(self, signum: int, checkpoint: str | None):
+        done = f"checkpoint written to {checkpoint}" if checkpoint else "before training started, nothing to save"
+        super().__init__(f"stopped by {signal.Signals(signum).name}; {done}")
         self.signum, self.checkpoint = signum, checkpoint
 
 
@@ -1528,23 +1613,28 @@ def checkpoint_file(path: str) -> str:
     return os.path.join(path, CHECKPOINT_FILE) if os.path.isdir(path) else path
 
 
-def write_checkpoint(path: str, device_state: dict, host_state: dict) -> None:
-    """Write arrays and host state to `path` atomically: a kill at any moment, mid-write
-    included, leaves the previous checkpoint in place (write a temporary file, then rename)."""
-    arrays = flax.traverse_util.flatten_dict(flax.serialization.to_state_dict(jax.device_get(device_state)), sep="/")
-    arrays = {path: x for path, x in arrays.items() if x is not None}  # CrossQ's absent targets: nothing to store
-    meta = np.frombuffer(json.dumps(host_state, default=np.ndarray.tolist).encode(), np.uint8)
+def write_atomically(path: str, write: Callable[[Any], Any], what: str) -> None:
+    """Write `path` through a temporary file, flushed to disk and renamed over it: a kill or a full disk at any
+    moment leaves the previous file (or none) in place, never a partial one. A failure is one line."""
     tmp_path = path + ".tmp"
     try:
         with open(tmp_path, "wb") as f:
-            np.savez(f, __host_state__=meta, **arrays)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
     except OSError as e:
-        if os.path.exists(tmp_path):
+        with contextlib.suppress(OSError):
             os.remove(tmp_path)
-        raise ConfigError(f"cannot write checkpoint {path}: {e.strerror}") from None
+        raise ConfigError(f"cannot write {what} {path}: {e.strerror}") from None
+
+
+def write_checkpoint(path: str, device_state: dict, host_state: dict) -> None:
+    """Write arrays and host state to `path` atomically (a kill mid-write leaves the previous checkpoint)."""
+    arrays = flax.traverse_util.flatten_dict(flax.serialization.to_state_dict(jax.device_get(device_state)), sep="/")
+    arrays = {path: x for path, x in arrays.items() if x is not None}  # CrossQ's absent targets: nothing to store
+    meta = np.frombuffer(json.dumps(host_state, default=np.ndarray.tolist).encode(), np.uint8)
+    write_atomically(path, lambda f: np.savez(f, __host_state__=meta, **arrays), "checkpoint")
 
 
 def read_checkpoint(path: str, with_arrays: bool = True) -> tuple[dict, dict]:
@@ -1560,11 +1650,58 @@ def read_checkpoint(path: str, with_arrays: bool = True) -> tuple[dict, dict]:
             arrays = {name: data[name] for name in names}
     except Exception as e:  # a truncated or foreign file fails in many ways inside zipfile and numpy
         raise ConfigError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(host_state, dict):
+        raise ConfigError(f"{path} is not a readable checkpoint (its host state is not a JSON object)")
     if host_state.get("script") != SCRIPT_NAME:
         raise ConfigError(f"{path} was written by {host_state.get('script')}, not by {SCRIPT_NAME}")
-    if set(host_state["args"]) != {field.name for field in dataclasses.fields(Args)}:
-        raise ConfigError(f"{path} was written by another version of {SCRIPT_NAME}: its flags differ")
+    args = args_from_saved(host_state.get("args"), f"{path}'s hyperparameters")
+    for name, kind in HOST_STATE.items():  # read back as the command line is: types, then ranges
+        if name not in host_state or not of_type(host_state[name], kind):
+            raise ConfigError(f"{path}: its host state's {name} is missing or not of type {kind}")
+    if not 0 <= host_state["global_step"] <= args.total_timesteps or host_state["train_seconds"] < 0:
+        raise ConfigError(f"{path}: its host state's global_step or train_seconds is out of range")
+    if host_state["run_name"] in ("", ".", "..") or "/" in host_state["run_name"]:
+        raise ConfigError(f"{path}: its host state's run_name {host_state['run_name']!r} is not a folder name")
     return arrays, host_state
+
+
+# What a checkpoint's host state holds beside the hyperparameters, and of which type (episodic_return came later).
+HOST_STATE = {"run_name": str, "global_step": int, "train_seconds": float, "eval_return": float}
+HOST_STATE |= {"rngs": dict, "episode_start_rng": dict | None}
+
+
+def args_from_saved(saved: Any, source: str) -> Args:
+    """A saved run's hyperparameters (a checkpoint's, an args.json) checked as the command line's are: every flag
+    there with a value of its type, in its range; anything else is one line."""
+    names = {field.name for field in dataclasses.fields(Args)}
+    if not isinstance(saved, dict) or set(saved) != names:
+        missing = sorted(names - set(saved)) if isinstance(saved, dict) else []
+        detail = f"it lacks {', '.join(missing)}" if missing else "its entries are not this script's flags"
+        raise ConfigError(f"{source} are not this script's ({detail})")
+    hints = typing.get_type_hints(Args)
+    for name, value in saved.items():
+        if not of_type(value, hints[name]):
+            raise ConfigError(f"{source}: {name} is {value!r}, not of type {hints[name]}")
+    args = Args(**saved)
+    try:
+        check_args(args)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return args
+
+
+def of_type(value: Any, hint: Any) -> bool:
+    """Whether a value read from JSON fits a type (a Literal: one of its values); an int fits a float, a bool no
+    number."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(of_type(value, option) for option in typing.get_args(hint))
+    if typing.get_origin(hint) is typing.Literal:
+        return value in typing.get_args(hint)
+    if hint is type(None):
+        return value is None
+    if isinstance(value, bool):
+        return hint is bool
+    return isinstance(value, hint) or (hint is float and isinstance(value, int))
 
 
 def restore(template: Any, arrays: dict) -> Any:
@@ -1574,15 +1711,31 @@ def restore(template: Any, arrays: dict) -> Any:
     missing = [path for path, leaf in flat.items() if not absent(leaf) and path not in arrays]
     if missing:
         raise ConfigError(f"the checkpoint lacks {missing[0]}")
+    for path, leaf in flat.items():  # each array as the network it fills: its dtype and shape
+        if absent(leaf):
+            continue
+        got, expected, kind = (
+            np.asarray(arrays[path]),
+            np.shape(leaf),
+            np.dtype(getattr(leaf, "dtype", type(leaf))).kind,
+        )
+        rows = 1 if expected[:1] == (0,) else 0  # the buffer's filled rows and the episode's actions: any number
+        if got.dtype.kind != kind or got.ndim != len(expected) or got.shape[rows:] != expected[rows:]:
+            raise ConfigError(f"the checkpoint's {path} is {got.dtype}{list(got.shape)}, not of shape {list(expected)}")
     state = flax.traverse_util.unflatten_dict({path: arrays.get(path, leaf) for path, leaf in flat.items()}, sep="/")
     return flax.serialization.from_state_dict(template, state)
 
 
-def check_resume(args: Args, host_state: dict) -> None:
-    """A resumed run keeps its env and hyperparameters; only RESUMABLE_FLAGS may change."""
+def check_resume(args: Args, host_state: dict, model_saved: bool) -> None:
+    """A resumed run keeps its env and hyperparameters; only RESUMABLE_FLAGS may change. A checkpoint of a run's
+    last step resumes only to write the model that run did not write."""
     saved, step = host_state["args"], host_state["global_step"]
-    if args.total_timesteps <= step:
+    if args.total_timesteps < step:
         raise ConfigError(f"the checkpoint is at env step {step}: pass a --total-timesteps above it to continue")
+    if args.total_timesteps == step and (model_saved or not args.save_model):
+        raise ConfigError(
+            f"the checkpoint's run is complete at env step {step}: pass a --total-timesteps above it to train on"
+        )
     if args.env_id != saved["env_id"]:
         raise ConfigError(f"the checkpoint is of a run on {saved['env_id']}, not on {args.env_id}")
     changed = [name for name, value in dataclasses.asdict(args).items() if name not in RESUMABLE_FLAGS]
@@ -1604,33 +1757,50 @@ def replay_episode(env: gym.Env, start_state: dict, actions: np.ndarray) -> np.n
     return obs
 
 
-def catch_preemption() -> tuple[dict, Callable[[], None]]:
-    """SIGTERM/SIGINT set a flag the loop checks once per step; a second signal exits at once."""
-    received: dict[str, int] = {}
+STOP_SIGNAL: dict[str, int] = {}  # {"signum": ...} once SIGTERM or SIGINT arrived: see catch_signals
+
+
+def catch_signals() -> Callable[[], None]:
+    """SIGTERM/SIGINT set STOP_SIGNAL, which the run checks at safe points (after each env step, between the
+    episodes of --eval-model); a second signal exits at once. From the start of the process: Python's Ctrl-C,
+    raised while JAX compiles, can crash the interpreter. Returns what puts the previous handlers back."""
 
     def handler(signum, frame):
-        if received:
-            print(f"\n{signal.Signals(signum).name} again: exiting without a checkpoint", file=sys.stderr, flush=True)
+        if STOP_SIGNAL:
+            print(f"\n{signal.Signals(signum).name} again: exiting at once", file=sys.stderr, flush=True)
             os._exit(128 + signum)
-        received["signum"] = signum
-        print(f"\n{signal.Signals(signum).name}: writing a checkpoint, then exiting", file=sys.stderr, flush=True)
+        STOP_SIGNAL["signum"] = signum
+        print(
+            f"\n{signal.Signals(signum).name}: stopping at the end of this step (a checkpoint once training has "
+            "started); again to exit at once",
+            file=sys.stderr,
+            flush=True,
+        )
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-    return received, lambda: [signal.signal(sig, h) for sig, h in previous.items()]
+
+    def restore_handlers() -> None:
+        for sig, previous_handler in previous.items():
+            signal.signal(sig, previous_handler)
+        STOP_SIGNAL.clear()  # a later run in this process starts afresh
+
+    return restore_handlers
 
 
 # MACHINERY: --eval-model, the evaluation of a saved model
 EVAL_FLAGS = {"eval_model", "eval_episodes", "seed", "capture_video"}  # what applies to --eval-model
 
 
-def check_eval_flags(args: Args, defaults: Args) -> None:
-    """--eval-model uses the saved run's networks and env: a training flag beside it is a mistake, said so."""
-    for field in dataclasses.fields(Args):
-        if field.name not in EVAL_FLAGS and getattr(args, field.name) != getattr(defaults, field.name):
-            raise ConfigError(
-                f"--{field.name.replace('_', '-')} does not go with --eval-model: the saved run's hyperparameters "
-                "are used (only --eval-episodes, --seed and --capture-video apply)"
-            )
+def check_eval_flags(given: set[str], preset: str | None = None) -> None:
+    """--eval-model uses the saved run's networks and env: a training flag beside it, whatever its value, or a
+    preset word, is a mistake, said so."""
+    if preset:
+        raise ConfigError(f"the preset word {preset} does not go with --eval-model: the saved run's are used")
+    if misplaced := sorted(given - EVAL_FLAGS):
+        raise ConfigError(
+            f"--{misplaced[0].replace('_', '-')} does not go with --eval-model: the saved run's hyperparameters "
+            "are used (only --eval-episodes, --seed and --capture-video apply)"
+        )
 
 
 def read_saved_model(path: str) -> tuple[Args, dict, str]:
@@ -1642,8 +1812,9 @@ def read_saved_model(path: str) -> tuple[Args, dict, str]:
         try:
             with open(os.path.join(path, ARGS_FILE)) as f:
                 exp_name = json.load(f)["exp_name"]
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError):  # its args.json is checked below, if it is needed
             exp_name = SCRIPT_NAME
+        exp_name = exp_name if isinstance(exp_name, str) else SCRIPT_NAME
         model = os.path.join(path, exp_name + MODEL_SUFFIX)
         if os.path.exists(model):
             path = model
@@ -1658,6 +1829,7 @@ def read_saved_model(path: str) -> tuple[Args, dict, str]:
                 saved_args = json.load(f)
         except (OSError, ValueError) as e:
             raise ConfigError(f"{path} needs its run's {ARGS_FILE} beside it ({e})") from None
+        saved_args = dataclasses.asdict(args_from_saved(saved_args, os.path.join(run_dir, ARGS_FILE)))
         try:
             with open(path, "rb") as f:
                 actor = flax.serialization.msgpack_restore(f.read())["actor"]
@@ -1671,8 +1843,7 @@ def read_saved_model(path: str) -> tuple[Args, dict, str]:
         # A checkpoint's flat names drop an empty `batch_stats` (an actor without normalisation): put it back.
         actor = {"batch_stats": {}, **flax.traverse_util.unflatten_dict(actor, sep="/")}
         saved_args, run_name = host_state["args"], host_state["run_name"]
-    known = {field.name for field in dataclasses.fields(Args)}
-    return Args(**{name: value for name, value in saved_args.items() if name in known}), actor, run_name
+    return Args(**saved_args), actor, run_name
 
 
 def evaluate_model(args: Args) -> dict:
@@ -1681,6 +1852,7 @@ def evaluate_model(args: Args) -> dict:
         raise ConfigError(f"--eval-episodes must be positive (got {args.eval_episodes})")
     if not 0 <= args.seed <= SEED_MAX:
         raise ConfigError(f"--seed must lie in [0, {SEED_MAX}], the seeds numpy accepts (got {args.seed})")
+    check_backend()
     check_optional_dependencies(dataclasses.replace(args, track=False))  # first: it may pick MuJoCo's renderer
     saved_args, saved_actor, run_name = read_saved_model(args.eval_model)
     check_env(saved_args.env_id, render=args.capture_video)
@@ -1697,10 +1869,14 @@ def evaluate_model(args: Args) -> dict:
         raise ConfigError(f"{args.eval_model} does not hold an actor of its run's shape ({e})") from None
     if not all(jax.tree.leaves(shapes_match)):
         raise ConfigError(f"{args.eval_model} does not hold an actor of its run's shape")
+    returns = []
     try:
-        returns = evaluate(actor, env, args.eval_episodes)
+        while len(returns) < args.eval_episodes and not STOP_SIGNAL:  # a signal stops it between episodes
+            returns += evaluate(actor, env, 1)
     finally:
         env.close()  # writes the last video
+    if STOP_SIGNAL:
+        raise Preempted(STOP_SIGNAL["signum"], None)
     print(
         f"{run_name} on {saved_args.env_id}: eval/episodic_return={np.mean(returns):.1f} +- {np.std(returns):.1f} "
         f"({len(returns)} episodes of the deterministic policy, seed {eval_seed})",
@@ -1721,9 +1897,9 @@ def parse_args(argv: list[str] | None = None) -> Args:
     default = dataclasses.replace(Args(), **PRESETS[preset]) if preset else Args()
     td3_flags = " ".join(f"--{name.replace('_', '-')} {value}" for name, value in PRESETS["td3"].items())
     description = f"CrossQ (TD3 base). The word `td3` before the flags starts from the TD3 baseline: {td3_flags}"
-    args = tyro.cli(Args, args=flags, default=default, description=description)
+    args = cli(flags, default=default, description=description)
     if args.eval_model:
-        check_eval_flags(args, default)
+        check_eval_flags(given_flags(flags), preset)
     elif args.resume:
         _, saved = read_checkpoint(args.resume, with_arrays=False)
         if preset == "td3" and saved["args"]["tau"] is None:  # the word may only restate what the run is
@@ -1732,11 +1908,47 @@ def parse_args(argv: list[str] | None = None) -> Args:
                 "resume it without the word td3"
             )
         defaults = dataclasses.replace(Args(**saved["args"]), resume=args.resume)
-        args = tyro.cli(Args, args=flags, default=defaults, description=description)
+        args = cli(flags, default=defaults, description=description)
     return args
 
 
+def cli(argv: list[str], **tyro_options: Any) -> Args:
+    """tyro's parse, with its error box turned into one line: what is wrong, and where the help is."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            args = tyro.cli(Args, args=argv, **tyro_options)
+    except SystemExit as e:
+        if not e.code:  # --help
+            raise
+        raise ConfigError(f"{tyro_message(captured.getvalue())} (see --help)") from None
+    sys.stderr.write(captured.getvalue())  # what tyro may say about a good command line
+    return args
+
+
+def tyro_message(text: str) -> str:
+    """What tyro's error says, on one line: its title, a rule, the message, a rule, help (drawn as a box on a
+    terminal, with dashes otherwise)."""
+    rows = [row for line in text.splitlines() if (row := line.strip().strip("│╭╮╰╯").strip())]
+    message = []
+    for row in rows[1:]:  # after the title
+        if set(row) <= set("─-"):  # a rule
+            if message:
+                break
+        else:
+            message.append(row)
+    return " ".join(message) or "cannot parse the command line"
+
+
+def given_flags(argv: list[str]) -> set[str]:
+    """The fields of the flags on a command line (`--no-actor-bn` is actor_bn's)."""
+    names = {token[2:].split("=")[0].replace("-", "_") for token in argv if token.startswith("--")}
+    fields = {field.name for field in dataclasses.fields(Args)}
+    return {name if name in fields else name.removeprefix("no_") for name in names}
+
+
 if __name__ == "__main__":
+    catch_signals()  # before anything compiles: see catch_signals
     try:
         args = parse_args()
         evaluate_model(args) if args.eval_model else train(args)
@@ -1747,8 +1959,8 @@ if __name__ == "__main__":
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except Preempted as e:
-        print(f"{e}; continue with: python {sys.argv[0]} --resume {os.path.dirname(e.checkpoint)}", file=sys.stderr)
+        resume = (
+            f"; continue with: python {sys.argv[0]} --resume {os.path.dirname(e.checkpoint)}" if e.checkpoint else ""
+        )
+        print(f"{e}{resume}", file=sys.stderr)
         sys.exit(128 + e.signum)
-    except KeyboardInterrupt:  # Ctrl-C before training started: nothing to save
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)

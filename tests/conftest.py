@@ -222,3 +222,5 @@ class BadRewardAfter(gym.Env):
 gym.register("NaNRewardAfter300-v0", entry_point=BadRewardAfter)
 gym.register("HugeRewardAfter300-v0", entry_point=lambda: BadRewardAfter(300, 1e30))
 gym.register("HugeRewardAfter100-v0", entry_point=lambda: BadRewardAfter(100, 1e30))  # for a checkpoint every step
+# Finite in float64, inf in the float32 the replay buffer stores: the env's fault, not a diverged training.
+gym.register("Float32OverflowAfter300-v0", entry_point=lambda: BadRewardAfter(300, 1e39))

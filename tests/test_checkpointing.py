@@ -4,6 +4,7 @@ Every script (conftest.SCRIPTS: all three support `--checkpoint-freq` and `--res
 """
 
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -151,6 +152,14 @@ SPOILED = {  # what is wrong with the checkpoint (or the command line beside it)
     "other_width": "--critic-width is 32 in the checkpoint, not 64",
     "missing": "no checkpoint at",
     "too_short": "the checkpoint is at env step 910: pass a --total-timesteps above it",
+    # Edited by hand: read back as the command line is (types, ranges, shapes, required entries).
+    "wrong_shape": "the checkpoint's agent/critic/params/",
+    "string_number": "gamma is '0.99', not of type",
+    "out_of_range": "--learning-starts must not be negative",
+    "missing_entry": "its host state's global_step is missing",
+    "json_list": "its host state is not a JSON object",
+    "args_json_edited": "gamma is '0.99', not of type",
+    "eval_flag_at_its_default": "--gamma does not go with --eval-model",
 }
 
 
@@ -171,6 +180,22 @@ def refused_resumes(reference, tmp_path_factory) -> dict:
     inputs["other_env"] = ["--resume", str(good), "--env-id", "Hopper-v4"]
     inputs["other_width"] = ["--resume", str(good), "--critic-width", "64"]
     inputs["too_short"] = ["--resume", str(good), "--total-timesteps", "900"]
+    critic_kernel = next(path for path in arrays if path.startswith("agent/critic/params/") and arrays[path].ndim > 1)
+    edits = {
+        "wrong_shape": ({**arrays, critic_kernel: arrays[critic_kernel][..., :-1]}, host_state),
+        "string_number": (arrays, {**host_state, "args": {**host_state["args"], "gamma": "0.99"}}),
+        "out_of_range": (arrays, {**host_state, "args": {**host_state["args"], "learning_starts": -5}}),
+        "missing_entry": (arrays, {key: value for key, value in host_state.items() if key != "global_step"}),
+        "json_list": (arrays, list(host_state.items())),
+    }
+    for spoil, (spoiled_arrays, spoiled_host_state) in edits.items():
+        module.write_checkpoint(str(folder / f"{spoil}.npz"), spoiled_arrays, spoiled_host_state)
+        inputs[spoil] = ["--resume", str(folder / f"{spoil}.npz")]
+    (folder / "edited").mkdir()  # a saved model's run folder with its args.json edited by hand
+    (folder / "edited" / module.ARGS_FILE).write_text(json.dumps({**host_state["args"], "gamma": "0.99"}))
+    (folder / "edited" / f"{host_state['args']['exp_name']}{module.MODEL_SUFFIX}").write_bytes(b"model")
+    inputs["args_json_edited"] = ["--eval-model", str(folder / "edited")]
+    inputs["eval_flag_at_its_default"] = ["--eval-model", str(run_dir), "--gamma", "0.99"]
     return run_main_with_each(script, inputs, cwd=folder)
 
 
@@ -220,3 +245,8 @@ def test_a_full_disk_is_refused_before_training(script, tmp_path, monkeypatch):
     args = dataclasses.replace(module.Args(), env_id="Pendulum-v1", checkpoint_freq=1000, critic_width=16)
     with pytest.raises(module.ConfigError, match="GB free; a checkpoint of this run needs"):
         module.train(args)
+    # --save-model without checkpoints: the model is what the run's end writes
+    args = dataclasses.replace(args, checkpoint_freq=0, save_model=True)
+    with pytest.raises(module.ConfigError, match="GB free; the model of this run needs"):
+        module.train(args)
+    assert run_dirs(tmp_path) == []

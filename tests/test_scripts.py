@@ -408,11 +408,13 @@ def test_the_same_seed_gives_identical_runs(script, tmp_path):
         assert logs[0][tag] == logs[1][tag], tag
 
 
-# NaNRewardAfter300-v0 and HugeRewardAfter300-v0 are registered in conftest.py.
+# NaNRewardAfter300-v0, Float32OverflowAfter300-v0 and HugeRewardAfter300-v0 are registered in conftest.py.
+@pytest.mark.parametrize("env_id", ["NaNRewardAfter300-v0", "Float32OverflowAfter300-v0"])
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_an_env_that_returns_nan_stops_the_run_at_that_step(script, tmp_path):
-    args = small_args(script, env_id="NaNRewardAfter300-v0", total_timesteps=2000, learning_starts=100, eval_freq=0)
-    with pytest.raises(FloatingPointError, match=r"returned a NaN/inf observation or reward at env step 300$"):
+def test_an_env_that_returns_nan_or_inf_in_float32_is_named_at_that_step(script, env_id, tmp_path):
+    """A reward of 1e39 is finite as a Python float but inf in the float32 the buffer stores: the env is named."""
+    args = small_args(script, env_id=env_id, total_timesteps=2000, learning_starts=100, eval_freq=0)
+    with pytest.raises(FloatingPointError, match=rf"^{env_id} returned .* NaN/inf in float32 .* at env step 300$"):
         train_in(tmp_path, module_of(script), args)
 
 
