@@ -1350,9 +1350,21 @@ def import_dm_control() -> None:
         ) from None
 
 
+def mujoco_warning(message: str) -> None:
+    """MuJoCo's warnings as Python's (shown once each, filterable), instead of its own printing and appending to
+    MUJOCO_LOG.TXT in the working folder. MuJoCo 4 warns that the v4 envs' models use `settotalmass`, which it
+    deprecates: that one, the paper's envs' own, is dropped."""
+    if "settotalmass" not in message:
+        warnings.warn(f"MuJoCo: {message.strip()}", RuntimeWarning, stacklevel=2)
+
+
 def gym_make(env_id: str, **kwargs) -> gym.Env:
     if env_id.startswith(DMC_PREFIX):
         import_dm_control()
+    with contextlib.suppress(ImportError):  # MuJoCo envs: before their models compile
+        import mujoco
+
+        mujoco.set_mju_user_warning(mujoco_warning)
     with warnings.catch_warnings():
         # The paper's results are on the v4 MuJoCo envs, which gymnasium 1.x calls out of date at every make.
         warnings.filterwarnings("ignore", message=".*is out of date", category=DeprecationWarning)

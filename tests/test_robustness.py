@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import warnings
 
 import gymnasium as gym
 import jax
@@ -236,3 +237,23 @@ def test_track_without_a_wandb_login_and_a_platform_jax_cannot_start_are_one_lin
     assert result.returncode == 2, result.stderr
     (line,) = result.stderr.splitlines()
     assert line.startswith("error: JAX cannot start (JAX_PLATFORMS='no-such-platform')"), line
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_mujoco_warnings_come_as_python_warnings_without_a_log_file(script, tmp_path, monkeypatch):
+    """MuJoCo 4 warns, at every HalfCheetah-v4 made, that its model uses the deprecated `settotalmass`, and appends
+    the warning to MUJOCO_LOG.TXT in the working folder: that one is dropped, the others become Python warnings."""
+    import mujoco
+
+    module = module_of(script)
+    monkeypatch.chdir(tmp_path)
+    module.gym_make("HalfCheetah-v4").close()
+    handler = mujoco.get_mju_user_warning()
+    assert handler is not None and list(tmp_path.iterdir()) == []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        handler("compiler attribute 'settotalmass' is deprecated and will be removed in a future release")
+        handler("Nan, Inf or huge value in QACC at DOF 0. The simulation is unstable.")
+    assert [str(w.message) for w in caught] == [
+        "MuJoCo: Nan, Inf or huge value in QACC at DOF 0. The simulation is unstable."
+    ]
