@@ -1,6 +1,7 @@
 """Helpers shared by the tests of the three training scripts."""
 
 import collections
+import dataclasses
 import importlib
 import json
 import os
@@ -82,6 +83,15 @@ def learning_steps(module, args, agent, buffer, n_steps: int, metrics=None, seed
 def train_steps(module, args, agent, buffer, n_steps: int = 1, metrics=None, seed: int = 1):
     """(agent, metrics) after `n_steps` learning env steps (see `learning_steps`)."""
     return collections.deque(learning_steps(module, args, agent, buffer, n_steps, metrics, seed), maxlen=1).pop()
+
+
+def fake_checkpoint(module, path: Path, args) -> str:
+    """A checkpoint of `module` holding only the host state that parse_args reads (the run's args, and the
+    entries every checkpoint has), no arrays: enough for --resume's parsing and its refusals."""
+    host_state = {"script": module.SCRIPT_NAME, "args": dataclasses.asdict(args), "run_name": "fake", "global_step": 0}
+    host_state |= {"train_seconds": 0.0, "eval_return": float("nan"), "rngs": {}, "episode_start_rng": None}
+    module.write_checkpoint(str(path), {}, host_state)
+    return str(path)
 
 
 def train_in(folder: Path, module, args) -> dict:

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 
+import conftest
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -281,10 +282,7 @@ def test_good_edge_values_are_accepted():
 
 
 def fake_checkpoint(path, **args) -> str:
-    """A checkpoint file holding only the host state that parse_args reads: the run's args."""
-    host_state = {"script": m.SCRIPT_NAME, "args": dataclasses.asdict(dataclasses.replace(m.Args(), **args))}
-    m.write_checkpoint(str(path), {}, host_state)
-    return str(path)
+    return conftest.fake_checkpoint(m, path, dataclasses.replace(m.Args(), **args))
 
 
 def test_resume_takes_the_preset_from_the_checkpoint(tmp_path):

@@ -37,6 +37,10 @@ REFUSED = {
     "n-critics-1e9": ["--n-critics", "1000000000"],
     # A width beyond int64: no shape can hold it.
     "critic-width-over-int64": ["--critic-width", "99999999999999999999999"],
+    # The run's folder and model file are named after it: it would have failed at the end, writing the model.
+    "exp-name-with-a-slash": ["--exp-name", "a/b", "--save-model"],
+    "exp-name-dot-dot": ["--exp-name", ".."],
+    "exp-name-too-long": ["--exp-name", "x" * 250],
 }
 REFUSED_BY_SCRIPT = {
     "crossq_jax.py": {

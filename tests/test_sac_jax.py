@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import conftest
 import flax
 import jax
 import jax.numpy as jnp
@@ -349,10 +350,7 @@ def test_divergence_in_any_of_a_steps_updates_spares_the_last_checkpoint(tmp_pat
 
 
 def fake_checkpoint(tmp_path, args: sac.Args) -> str:
-    """A checkpoint holding only what parse_args reads: the script's stamp and the run's args."""
-    path = str(tmp_path / sac.CHECKPOINT_FILE)
-    sac.write_checkpoint(path, {}, {"script": sac.SCRIPT_NAME, "args": dataclasses.asdict(args)})
-    return path
+    return conftest.fake_checkpoint(sac, tmp_path / sac.CHECKPOINT_FILE, args)
 
 
 def test_resume_without_a_preset_word_continues_the_run_with_its_own_preset(tmp_path):
@@ -385,7 +383,7 @@ def test_a_changed_hyperparameter_is_refused_by_name_when_training_starts(tmp_pa
     redq = sac.parse_args(["redq"])
     args = sac.parse_args(["redq", "--utd", "5", "--resume", fake_checkpoint(tmp_path, redq)])
     with pytest.raises(sac.ConfigError, match="--utd is 20 in the checkpoint, not 5"):
-        sac.check_resume(args, {"args": dataclasses.asdict(redq), "global_step": 0})
+        sac.check_resume(args, {"args": dataclasses.asdict(redq), "global_step": 0}, model_saved=False)
 
 
 def test_a_contradicting_preset_word_exits_with_one_line(script_runner, tmp_path):
