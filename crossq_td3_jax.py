@@ -928,8 +928,8 @@ class SummaryWriter:
 
 
 def start_run(args: Args) -> "Run":
-    """Every check first, so that a refused run leaves no trace; then runs/{run_name} with its args.json, W&B
-    and the event writer (a fresh run's first event: the hyperparameters)."""
+    """Every check first, so that a refused run leaves no trace; then W&B, and runs/{run_name} with its args.json
+    and the event writer (Run.open; a resumed run's once its checkpoint is restored, in Run.resume)."""
     check_backend()
     check_args(args)
     check_optional_dependencies(args)  # first: it may pick MuJoCo's renderer
