@@ -109,6 +109,18 @@ def script_env(extra: dict | None = None) -> dict:
     return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONWARNINGS": "ignore", **(extra or {})}
 
 
+def start_script(script: str, *args: str, cwd: Path) -> subprocess.Popen:
+    """Start one of the training scripts as a user would, in `cwd`, its output readable as it comes."""
+    return subprocess.Popen(
+        [sys.executable, str(REPO / script), *args],
+        cwd=cwd,
+        env=script_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def run_script(
     script: str, *args: str, cwd: Path, timeout: float = 600, env: dict | None = None
 ) -> subprocess.CompletedProcess:

@@ -13,7 +13,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, SCRIPTS, module_of, read_scalars, run_dirs, run_main_with_each, run_script, script_env
+from conftest import (
+    REPO,
+    SCRIPTS,
+    module_of,
+    read_scalars,
+    run_dirs,
+    run_main_with_each,
+    run_script,
+    script_env,
+    start_script,
+)
 
 POLICY_DELAY = {"crossq_jax.py": 3, "crossq_td3_jax.py": 3, "sac_jax.py": 1}  # their defaults
 
@@ -45,17 +55,6 @@ def savez(file, **arrays):
 np.savez = savez
 module.train(module.parse_args(sys.argv[3:]))
 """
-
-
-def start(script: str, *args: str, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, str(REPO / script), *args],
-        cwd=cwd,
-        env=script_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 def wait_for_step(process: subprocess.Popen, step: int) -> None:
@@ -90,7 +89,7 @@ def resume(script: str, cwd: Path) -> dict:
 
 def test_resume_after_sigkill_between_checkpoints_matches_the_uninterrupted_run(reference, tmp_path):
     script, expected, _ = reference
-    process = start(script, *FLAGS, cwd=tmp_path)
+    process = start_script(script, *FLAGS, cwd=tmp_path)
     wait_for_step(process, 700)  # the last checkpoint was at 650, mid-episode
     process.kill()
     process.wait()
@@ -117,7 +116,7 @@ def test_resume_after_sigkill_during_a_checkpoint_write_matches_the_uninterrupte
 
 def test_sigterm_writes_a_checkpoint_and_the_run_resumes_exactly(reference, tmp_path):
     script, expected, _ = reference
-    process = start(script, *FLAGS, cwd=tmp_path)
+    process = start_script(script, *FLAGS, cwd=tmp_path)
     wait_for_step(process, 450)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)

@@ -8,15 +8,13 @@ import errno
 import os
 import re
 import signal
-import subprocess
-import sys
 import warnings
 
 import gymnasium as gym
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, SCRIPTS, module_of, run_dirs, run_main_with_each, run_script, script_env
+from conftest import SCRIPTS, module_of, run_dirs, run_main_with_each, run_script, start_script
 
 TINY = {"env_id": "Pendulum-v1", "critic_width": 16, "actor_width": 16, "batch_size": 32, "buffer_size": 1000}
 TINY |= {"learning_starts": 100, "eval_freq": 0, "eval_episodes": 1, "log_freq": 100}
@@ -190,14 +188,7 @@ def test_ctrl_c_while_the_first_programs_compile_waits_for_a_safe_point(script, 
 def test_ctrl_c_as_the_loop_starts_compiling_exits_with_a_checkpoint_and_no_traceback(script, tmp_path):
     flags = ["--env-id", "Pendulum-v1", "--learning-starts", "32", "--batch-size", "32", "--total-timesteps", "5000"]
     flags += ["--critic-width", "16", "--actor-width", "16", "--buffer-size", "1000", "--eval-freq", "0"]
-    process = subprocess.Popen(
-        [sys.executable, str(REPO / script), *flags],
-        cwd=tmp_path,
-        env=script_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = start_script(script, *flags, cwd=tmp_path)
     for line in process.stdout:  # the loop starts: its first calls compile the store and the update
         if "logging to" in line:
             process.send_signal(signal.SIGINT)
