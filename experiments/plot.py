@@ -15,7 +15,7 @@ algorithm, over seeds:
 - the 70% quantile interval: from the 15th to the 85th percentile of the seeds' returns (numpy's
   linear interpolation between order statistics), the band of the paper's Figures 5 and 6.
 - the aggregate over envs: each env's returns divided by a reference (REFERENCE below: the paper's
-  CrossQ return at 100k env steps, SPEC section 8, so 1.0 means "as good as the paper's CrossQ at 100k"),
+  CrossQ return at 100k env steps, so 1.0 means "as good as the paper's CrossQ at 100k"),
   the IQM of all (env, seed) scores, and a 95% confidence interval from a stratified bootstrap (seeds
   resampled with replacement within each env; percentile interval), as rliable does.
 
@@ -43,8 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # sweep.py, beside thi
 from sweep import eval_curve, read_curve  # the sweep's own reading of a run's evaluations
 
 REPO = Path(__file__).resolve().parents[1]
-# The paper's numbers at 100k env steps (SPEC section 8: CrossQ at critic width 2048, and the baselines;
-# returns, mean over 10 seeds). CrossQ's column normalises the aggregate; the table shows the matching one.
+# The paper's numbers at 100k env steps (CrossQ at critic width 2048, and the baselines; returns, the
+# 10-seed means of the authors' code published by the SimbaV2 and BRO authors).
+# CrossQ's column normalises the aggregate; the table shows the matching one.
 PAPER_100K = {
     "CrossQ": {"Hopper-v4": 2764, "Walker2d-v4": 3914, "HalfCheetah-v4": 8112, "Ant-v4": 2299, "Humanoid-v4": 2603},
     "SAC": {"Hopper-v4": 1103, "Walker2d-v4": 690, "HalfCheetah-v4": 6156, "Ant-v4": 747, "Humanoid-v4": 632},

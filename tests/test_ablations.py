@@ -1,4 +1,4 @@
-"""The paper's ablations (issue 9): critic activations, LayerNorm instead of BRN, SAC with normalisation
+"""The paper's ablations (Sections 4.4, A.4-A.6): critic activations, LayerNorm instead of BRN, SAC with normalisation
 with and without target networks, and the TD3 baseline's two target schedules. Cheap, in-process checks
 against numpy re-derivations and against what each arm must (and must not) read."""
 

@@ -1,4 +1,5 @@
-"""Batch Renormalization (SPEC section 1) in both CrossQ scripts, against an independent numpy re-derivation."""
+"""Batch Renormalization (Ioffe 2017, as the CrossQ authors' code uses it) in both CrossQ scripts, against an
+independent numpy re-derivation."""
 
 import importlib
 
@@ -16,7 +17,7 @@ def brn(request):
 
 
 class NumpyBRN:
-    """SPEC section 1, written out in float64 numpy, one batch at a time."""
+    """The layer as the BatchRenorm docstring states it, written out in float64 numpy, one batch at a time."""
 
     def __init__(self, features, momentum=0.99, eps=1e-3, r_max=3.0, d_max=5.0, warmup=100_000):
         self.mu_r, self.var_r, self.steps = np.zeros(features), np.ones(features), 0

@@ -1,4 +1,4 @@
-"""Runs that cannot run are refused in one line, before anything is allocated or compiled (issue 13).
+"""Runs that cannot run are refused in one line, before anything is allocated or compiled.
 
 Each script gets every input below on its command line and must exit with status 2, print exactly
 one line on stderr and leave no new file or folder behind. To keep this cheap, one Python process
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import SCRIPTS, run_main_with_each, run_script
 
-# The rows of issue 13's table, then inputs found since, for every script: {id: command line}.
+# Inputs once seen to fail badly, then inputs found since, for every script: {id: command line}.
 REFUSED = {
     # The table: an allocator traceback, an OOM kill, numpy's seed error, an inf learning rate.
     "buffer-of-1e12": ["--buffer-size", "1000000000000"],
