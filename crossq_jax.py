@@ -1,5 +1,6 @@
 # CrossQ (SAC base) in JAX: Bhatt, Palenicek et al., "CrossQ: Batch Normalization in Deep
-# Reinforcement Learning for Greater Sample Efficiency and Simplicity", ICLR 2024.
+# Reinforcement Learning for Greater Sample Efficiency and Simplicity", ICLR 2024,
+# https://arxiv.org/abs/1902.05605 (the authors' code: https://github.com/adityab/CrossQ).
 # One self-contained file: Batch Renormalization layer, networks, replay buffer, jitted
 # joint-pass update and training loop. Copy it, read it top to bottom, change it.
 import contextlib

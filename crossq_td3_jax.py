@@ -1,6 +1,7 @@
 # CrossQ (TD3 base) in JAX: Bhatt, Palenicek et al., "CrossQ: Batch Normalization in Deep
 # Reinforcement Learning for Greater Sample Efficiency and Simplicity", ICLR 2024 ("CrossQ (TD3)"
-# in Figure 5). One self-contained file: Batch Renormalization layer, networks, replay buffer,
+# in Figure 5), https://arxiv.org/abs/1902.05605 (the authors' code: https://github.com/adityab/CrossQ).
+# One self-contained file: Batch Renormalization layer, networks, replay buffer,
 # jitted joint-pass update and training loop. Copy it, read it top to bottom, change it.
 # `python crossq_td3_jax.py td3 ...` runs the TD3 baseline of the same figure instead (see PRESETS).
 import contextlib

@@ -1,5 +1,5 @@
 # SAC with target networks in JAX, and the two high-UTD baselines the CrossQ paper (Bhatt,
-# Palenicek et al., ICLR 2024) compares against, each one preset away:
+# Palenicek et al., ICLR 2024, https://arxiv.org/abs/1902.05605) compares against, each one preset away:
 #   REDQ (Chen et al., ICLR 2021): 10 critics, UTD 20, TD target = min over a random pair of
 #        target critics, actor loss on the mean over all critics.
 #   DroQ (Hiraoka et al., ICLR 2022): critics with Dropout(0.01) and LayerNorm, UTD 20.
