@@ -236,8 +236,8 @@ class CriticActivation(nn.Module):
 
 
 class Normalization(nn.Module):
-    """The normalisation layer the `--bn-mode` flag selects: BRN, plain BN (BRN with r=1, d=0) or none
-    (also for `layernorm`, whose LayerNorm sits elsewhere: see Critic)."""
+    """The normalisation layer the `--bn-mode` flag selects: BRN, plain BN (BRN with r=1, d=0 and flax's epsilon) or
+    none (also for `layernorm`, whose LayerNorm sits elsewhere: see Critic)."""
 
     mode: str = "brn"
     momentum: float = 0.99
@@ -247,7 +247,10 @@ class Normalization(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         if self.mode in ("none", "layernorm"):
             return x
-        limits = {"brn": {"r_max": 3.0, "d_max": 5.0}, "bn": {"r_max": 1.0, "d_max": 0.0}}[self.mode]
+        # Plain BN is flax's BatchNorm, as in the authors' plain-BN runs: its epsilon is 1e-5, not BRN's 1e-3 (with
+        # 1e-3 a feature of variance below about 1e-3 would come out shrunk instead of normalised).
+        bn = {"r_max": 1.0, "d_max": 0.0, "epsilon": 1e-5}
+        limits = {"brn": {"r_max": 3.0, "d_max": 5.0}, "bn": bn}[self.mode]
         return BatchRenorm(
             use_running_average=not train, momentum=self.momentum, warmup_steps=self.warmup_steps, **limits
         )(x)

@@ -169,3 +169,37 @@ def test_a_saturated_unit_before_the_layer_keeps_the_dense_gradient_finite(brn, 
     grads = jax.grad(loss)(params)
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads)), grads
     assert float(jnp.abs(grads["Dense_0"]["kernel"][:, 1]).sum()) > 0  # the live unit still learns
+
+
+@pytest.mark.parametrize("script", ["crossq_jax", "crossq_td3_jax", "sac_jax"])
+def test_bn_mode_is_flaxs_batchnorm(script):
+    """`--bn-mode bn` against flax.linen.BatchNorm (what the authors' plain-BN runs use), train calls and eval,
+    with a feature of variance 1e-4: BRN's epsilon of 1e-3 would shrink it to a third instead of normalising it."""
+    module = importlib.import_module(script)
+    ours = module.Normalization("bn", momentum=0.9)
+    flax_bn = nn.BatchNorm(momentum=0.9)
+    rng = np.random.default_rng(0)
+    scale = np.array([1.0, 3.0, 1e-2], np.float32)  # the last feature's variance: 1e-4
+    x0 = jnp.asarray(rng.normal(size=(64, 3)) * scale, jnp.float32)
+    ours_vars = ours.init(jax.random.PRNGKey(0), x0, train=False)
+    flax_vars = flax_bn.init(jax.random.PRNGKey(0), x0, use_running_average=True)
+    ours_stats, flax_stats = ours_vars["batch_stats"], flax_vars["batch_stats"]
+    for _ in range(3):
+        x = jnp.asarray(rng.normal(loc=0.5, size=(64, 3)) * scale, jnp.float32)
+        y, updates = ours.apply({**ours_vars, "batch_stats": ours_stats}, x, train=True, mutable=["batch_stats"])
+        expected, flax_updates = flax_bn.apply(
+            {**flax_vars, "batch_stats": flax_stats}, x, use_running_average=False, mutable=["batch_stats"]
+        )
+        np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5)
+        ours_stats, flax_stats = updates["batch_stats"], flax_updates["batch_stats"]
+        layer = ours_stats["BatchRenorm_0"]
+        np.testing.assert_allclose(layer["mean"], flax_stats["mean"], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(layer["var"], flax_stats["var"], rtol=1e-5, atol=1e-7)
+        assert np.std(np.asarray(y)[:, 2]) > 0.9  # normalised (BRN's epsilon would give about 0.3)
+    x = jnp.asarray(rng.normal(size=(8, 3)) * scale, jnp.float32)
+    np.testing.assert_allclose(
+        ours.apply({**ours_vars, "batch_stats": ours_stats}, x, train=False),
+        flax_bn.apply({**flax_vars, "batch_stats": flax_stats}, x, use_running_average=True),
+        rtol=1e-4,
+        atol=1e-5,
+    )
