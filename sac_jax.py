@@ -98,13 +98,17 @@ class Args:
     as CrossQ; `--tau` is then unused)"""
     bn_mode: Annotated[str, tyro.conf.arg(metavar="{" + ",".join(BN_MODES) + "}")] = "none"
     """normalisation layers in critics and actor: none, plain BatchNorm (bn) or Batch Renormalization (brn);
-    with target networks, the target critics use the live critics' running statistics"""
+    with target networks, see --target-bn-stats"""
     bn_momentum: float = 0.99
     """momentum of the running statistics of the normalisation layers"""
     bn_warmup_steps: int = 100_000
     """train-mode calls of a BRN layer during which it acts as plain BatchNorm"""
     actor_bn: bool = True
     """with --bn-mode bn or brn, normalise the actor too, as the authors' code does (`--no-actor-bn`: critics only)"""
+    target_bn_stats: Literal["live", "polyak"] = "live"
+    """with target networks and --bn-mode bn or brn, the running statistics the target critics normalise with: the
+    live critics' (the authors' `-bnstats_live_net 1`) or their own, Polyak-averaged with --tau after every critic
+    update like the target parameters (`-bnstats_live_net 0`, the default of the authors' code)"""
     adam_b1: float = 0.9
     """Adam's beta1 for the actor and the critic"""
     utd: int = 1
@@ -410,10 +414,11 @@ class BNTrainState(TrainState):
 
 class CriticTrainState(BNTrainState):
     """The critics' TrainState, with the target critics: their parameters (Polyak-averaged; None with
-    `--no-target-network`) and the apply function of the ensemble the target pass runs (REDQ: only M
-    members). The target critics have no running statistics of their own: they use the live ones."""
+    `--no-target-network`), their running statistics (with `--target-bn-stats polyak`; None: they use the live
+    ones) and the apply function of the ensemble the target pass runs (REDQ: only M members)."""
 
     target_params: Any
+    target_batch_stats: Any
     target_apply_fn: Callable = flax.struct.field(pytree_node=False)
 
 
@@ -535,6 +540,7 @@ def create_agent(args: Args, obs_dim: int, action_dim: int, key: jax.Array) -> A
     # The target pass evaluates only the M target critics it draws: an M-member ensemble applied
     # to the gathered parameters of the subset (REDQ: 2 forward passes instead of 10).
     target_critic = CriticEnsemble(args.target_subset_size, **critic_kwargs)
+    own_stats = args.target_network and args.bn_mode != "none" and args.target_bn_stats == "polyak"
     actor_key, critic_key = jax.random.split(key)
     obs, actions = jnp.zeros((1, obs_dim)), jnp.zeros((1, action_dim))
     # Each init is one jitted call: run eagerly, every op of the forward pass would be compiled on its own.
@@ -551,6 +557,7 @@ def create_agent(args: Args, obs_dim: int, action_dim: int, key: jax.Array) -> A
             batch_stats=critic_vars.get("batch_stats", {}),
             # An exact copy in buffers of its own: the train step donates the agent.
             target_params=jax.tree.map(jnp.copy, critic_vars["params"]) if args.target_network else None,
+            target_batch_stats=jax.tree.map(jnp.copy, critic_vars["batch_stats"]) if own_stats else None,
             target_apply_fn=target_critic.apply,
             tx=adam,
         ),
@@ -566,8 +573,12 @@ def variables_of(state: BNTrainState) -> dict:
 
 
 def polyak_update(params: Any, target_params: Any, tau: float) -> Any:
-    """target <- tau * online + (1 - tau) * target, leaf by leaf (tau = 1 copies the online network)."""
-    return jax.tree.map(lambda online, target: tau * online + (1.0 - tau) * target, params, target_params)
+    """target <- tau * online + (1 - tau) * target, leaf by leaf (tau = 1 copies the online network). Integer
+    leaves (a BRN layer's call counter, which eval mode never reads) are the online ones."""
+    average = lambda online, target: tau * online + (1.0 - tau) * target
+    return jax.tree.map(
+        lambda a, b: average(a, b) if jnp.issubdtype(a.dtype, jnp.floating) else a, params, target_params
+    )
 
 
 def target_subset(key: jax.Array, n_critics: int, subset_size: int) -> jax.Array:
@@ -593,12 +604,14 @@ def target_min_q(critic: CriticTrainState, obs: jax.Array, actions: jax.Array, k
     """min over a random subset of `subset_size` target critics; returns (min (B,), the subset's indices).
 
     The target critics normalise with the live critics' running statistics (the authors'
-    `bnstats_live_net`, the "+BN/+BRN with target networks" arms of the paper's Figures 8 and 13).
+    `bnstats_live_net`, the "+BN/+BRN with target networks" arms of the paper's Figures 8 and 13), or with
+    their own Polyak-averaged ones (`--target-bn-stats polyak`).
     """
     subset_key, dropout_key = jax.random.split(key)
     n_critics = jax.tree.leaves(critic.target_params)[0].shape[0]
     subset = target_subset(subset_key, n_critics, subset_size)
-    variables = {"params": critic.target_params, "batch_stats": critic.batch_stats}
+    stats = critic.batch_stats if critic.target_batch_stats is None else critic.target_batch_stats
+    variables = {"params": critic.target_params, "batch_stats": stats}
     subset_variables = jax.tree.map(lambda leaf: leaf[subset], variables)
     return q_values(critic.target_apply_fn, subset_variables, obs, actions, dropout_key).min(axis=0), subset
 
@@ -700,6 +713,9 @@ def make_train_step(args: Args, action_dim: int):
         critic = agent.critic.apply_gradients(grads=grads).replace(batch_stats=batch_stats)
         if args.target_network:  # the target critics trail the critics, one Polyak step per critic update
             critic = critic.replace(target_params=polyak_update(critic.params, critic.target_params, args.tau))
+        if critic.target_batch_stats is not None:  # and their own running statistics, alike
+            stats = polyak_update(critic.batch_stats, critic.target_batch_stats, args.tau)
+            critic = critic.replace(target_batch_stats=stats)
         return agent._replace(critic=critic), metrics._replace(qf_loss=qf_loss, qf_values=qf_values)
 
     def update_actor_and_alpha(agent: AgentState, metrics: Metrics, obs: jax.Array, key: jax.Array):
@@ -1353,7 +1369,8 @@ def save_model(agent: AgentState, run_dir: str, exp_name: str) -> str:
     --eval-model reads it back. Written atomically: a failure leaves no partial file (and the last checkpoint)."""
     model_path = model_file(run_dir, exp_name)
     networks = {"actor": variables_of(agent.actor), "critic": variables_of(agent.critic)}
-    model = flax.serialization.to_bytes({**networks, "target_critic": {"params": agent.critic.target_params}})
+    target = {"params": agent.critic.target_params, "batch_stats": agent.critic.target_batch_stats}
+    model = flax.serialization.to_bytes({**networks, "target_critic": target})
     write_atomically(model_path, lambda f: f.write(model), "the model")
     print(f"model saved to {model_path}", flush=True)
     return model_path
@@ -1398,6 +1415,8 @@ def check_args(args: Args) -> None:
             f"--critic-activation glu halves each hidden layer's width: --critic-width must be even "
             f"(got {args.critic_width})"
         )
+    if args.target_bn_stats == "polyak" and not (args.target_network and args.bn_mode != "none"):
+        raise ConfigError("--target-bn-stats polyak needs target networks and --bn-mode bn or brn")
     if not 1 <= args.target_subset_size <= args.n_critics:
         raise ConfigError(
             f"--target-subset-size must lie between 1 and --n-critics ({args.n_critics}) "
@@ -1622,14 +1641,15 @@ def memory_estimate(args: Args, obs_dim: int, action_dim: int) -> list[MemoryPar
     actor_pass = batch * (width * 2 * n + actor_width * 2)  # the critics' pass on pi(s) included
     copies = 3 + 2 * (normalised + layer_norms) + (5 if args.dropout_rate > 0 else 0)
     update = copies * max(critic_pass, actor_pass) + (critic_params if args.utd > 1 else 0)
+    target_stats = 2 if targets and args.target_bn_stats == "polyak" else 1  # their own running statistics
     bytes_ = FLOAT32_BYTES
     return [
         MemoryPart("the replay buffer", f"--buffer-size {args.buffer_size}", buffer * bytes_, buffer * bytes_),
         MemoryPart(
             "the critics, their targets and optimizer state",
             f"--critic-width {width} with --n-critics {n}",
-            ((4 + targets) * critic_params + critic_stats) * bytes_,
-            ((3 + targets) * critic_params + critic_stats) * bytes_,
+            ((4 + targets) * critic_params + target_stats * critic_stats) * bytes_,
+            ((3 + targets) * critic_params + target_stats * critic_stats) * bytes_,
         ),
         MemoryPart(
             "the actor and its optimizer state",

@@ -301,6 +301,44 @@ def test_with_target_networks_the_target_critic_reads_the_live_critics_running_s
     assert not np.allclose(y, expected(critic.params, live_stats), atol=1e-2)
 
 
+def test_with_own_target_statistics_they_trail_the_live_ones_by_tau_and_the_target_pass_reads_them():
+    """--target-bn-stats polyak (the authors' default, `-bnstats_live_net 0`): the target critics start with a copy
+    of the live running statistics, move to tau * live + (1 - tau) * theirs after each critic update (the
+    integer call counters aside), and the TD target normalises with them, not with the live ones."""
+    args = small_args(sac_jax, bn_mode="bn", bn_momentum=0.9, tau=0.3, target_bn_stats="polyak")
+    agent = sac_jax.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
+    assert trees_equal(agent.critic.target_batch_stats, agent.critic.batch_stats)
+    before = jax.tree.map(np.asarray, agent.critic.target_batch_stats)
+    agent, _ = train_steps(sac_jax, args, agent, filled_buffer(sac_jax, args))
+    live, own = flat(agent.critic.batch_stats), flat(agent.critic.target_batch_stats)
+    for keys, value in flax.traverse_util.flatten_dict(before).items():
+        if value.dtype.kind == "f":  # by hand (the integer call counters aside)
+            path = "/".join(keys)
+            np.testing.assert_allclose(own[path], 0.3 * live[path] + 0.7 * value, rtol=1e-5, atol=1e-7)
+    input_mean = "VmapCritic_0/Normalization_0/BatchRenorm_0/mean"
+    assert not np.allclose(own[input_mean], flat(before)[input_mean])  # they moved
+
+    rng = np.random.default_rng(11)
+    own_stats = jax.tree.map(
+        lambda x: x if x.dtype == jnp.int32 else jnp.asarray(rng.uniform(0.5, 3.0, x.shape), x.dtype),
+        agent.critic.batch_stats,
+    )
+    critic = agent.critic.replace(target_params=randomised(agent.critic.params, seed=9), target_batch_stats=own_stats)
+    agent = agent._replace(critic=critic)
+    batch = sac_jax.buffer_sample(filled_buffer(sac_jax, args), jax.random.PRNGKey(2), args.batch_size)
+    y = np.asarray(sac_jax.td_target(agent, batch, jax.random.PRNGKey(3), args.gamma, args.target_subset_size))
+    mean, log_std = agent.actor.apply_fn(sac_jax.variables_of(agent.actor), batch.next_obs, train=False)
+    next_actions, next_logp = sac_jax.sample_tanh_gaussian(mean, log_std, jax.random.split(jax.random.PRNGKey(3))[0])
+    alpha = float(jnp.exp(agent.log_alpha.params["log_alpha"]))
+
+    def expected(stats):
+        next_q = np_critic(critic.target_params, batch.next_obs, next_actions, "relu", stats=stats, eps=1e-5).min(0)
+        return batch.rewards + args.gamma * (1 - batch.terminations) * (next_q - alpha * next_logp)
+
+    np.testing.assert_allclose(y, expected(own_stats), rtol=1e-4, atol=1e-4)
+    assert not np.allclose(y, expected(critic.batch_stats), atol=1e-2)  # the live statistics give another target
+
+
 @pytest.mark.parametrize("target_network", [True, False])
 def test_sac_critic_passes_with_and_without_target_networks(target_network):
     """Every stored transition has the same s and s'. -TN: one joint train-mode pass over [s; s'] (the

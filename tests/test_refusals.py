@@ -58,6 +58,9 @@ REFUSED_BY_SCRIPT = {
     "sac_jax.py": {
         "tau-0-in-float32": ["--tau", "1e-50"],
         "dropout-1-in-float32": ["droq", "--dropout-rate", "0.99999999999"],
+        # Own target statistics need target critics with normalisation layers.
+        "target-bn-stats-without-bn": ["--target-bn-stats", "polyak"],
+        "target-bn-stats-without-targets": ["--target-bn-stats", "polyak", "--bn-mode", "bn", "--no-target-network"],
     },
 }
 # Envs a script cannot drive: refused in one line that names the env, not a flag.
