@@ -1659,9 +1659,11 @@ def read_checkpoint(path: str, with_arrays: bool = True) -> tuple[dict, dict]:
         raise ConfigError(f"{path}: its host state's global_step or train_seconds is out of range")
     if host_state["run_name"] in ("", ".", "..") or "/" in host_state["run_name"]:
         raise ConfigError(f"{path}: its host state's run_name {host_state['run_name']!r} is not a folder name")
-    return arrays, host_state
+    return arrays, {**host_state, "args": dataclasses.asdict(args)}  # flags added since: their defaults
 
 
+# Flags added after runs were saved: a saved run without one ran as its default does.
+FLAGS_ADDED_SINCE: set[str] = set()
 # What a checkpoint's host state holds beside the hyperparameters, and of which type (episodic_return came later).
 HOST_STATE = {"run_name": str, "global_step": int, "train_seconds": float, "eval_return": float}
 HOST_STATE |= {"rngs": dict, "episode_start_rng": dict | None}
@@ -1671,6 +1673,8 @@ def args_from_saved(saved: Any, source: str) -> Args:
     """A saved run's hyperparameters (a checkpoint's, an args.json) checked as the command line's are: every flag
     there with a value of its type, in its range; anything else is one line."""
     names = {field.name for field in dataclasses.fields(Args)}
+    if isinstance(saved, dict):  # runs saved before a flag was added ran as its default does
+        saved = {**{name: getattr(Args(), name) for name in FLAGS_ADDED_SINCE if name not in saved}, **saved}
     if not isinstance(saved, dict) or set(saved) != names:
         missing = sorted(names - set(saved)) if isinstance(saved, dict) else []
         detail = f"it lacks {', '.join(missing)}" if missing else "its entries are not this script's flags"

@@ -419,3 +419,14 @@ def test_a_resumed_high_utd_run_matches_the_uninterrupted_run(tmp_path, monkeypa
     assert [step for step, _ in after_resume["losses/qf_loss"]][-2:] == [225, 240]
     for tag in ["charts/episodic_return", "losses/qf_loss", "losses/qf_values", "losses/actor_loss", "losses/alpha"]:
         assert after_resume[tag] == expected[tag], tag
+
+
+def test_a_checkpoint_saved_before_target_bn_stats_existed_resumes_with_the_live_statistics(tmp_path):
+    """Runs saved before --target-bn-stats was added used the live statistics: their checkpoints still resume."""
+    path = fake_checkpoint(tmp_path, sac.parse_args(["redq"]))
+    arrays, host_state = sac.read_checkpoint(path)
+    del host_state["args"]["target_bn_stats"]
+    sac.write_checkpoint(path, arrays, host_state)
+    args = sac.parse_args(["--resume", path])
+    assert args.target_bn_stats == "live"
+    sac.check_resume(args, sac.read_checkpoint(path, with_arrays=False)[1], model_saved=False)  # nothing changed
