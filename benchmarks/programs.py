@@ -26,7 +26,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from throughput import REPO, VARIANTS, load_script  # this folder's benchmark
+from throughput import REPO, VARIANTS, load_script, noise_of  # this folder's benchmark
 
 COUNTED = ("kernels", "fusion", "dot", "custom-call", "copy", "conditional", "while")
 FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "opt-barrier", "after-all"}
@@ -51,7 +51,7 @@ def step_programs(module, argv: list[str]) -> dict[str, "jax.stages.Traced"]:
     buffer = module.ReplayBuffer.create(args.buffer_size, obs_dim, action_dim)
     keys = {"update": jax.random.PRNGKey(1), "explore": jax.random.PRNGKey(2)}
     obs, step_data = np.zeros((1, obs_dim), np.float32), np.zeros(3 * obs_dim + action_dim + 2, np.float32)
-    noise = (args.exploration_noise,) if hasattr(args, "exploration_noise") else ()  # the TD3-based script's
+    noise = noise_of(args)
     programs = {
         "store": jax.jit(module.store_step, donate_argnums=0).trace(buffer, step_data),
         "explore": module.explore.trace(agent.actor, obs, keys["explore"], *noise),

@@ -56,6 +56,11 @@ def load_script(script: str, repo: Path = REPO):
     return sys.modules[name]
 
 
+def noise_of(args) -> tuple:
+    """What the script's `explore` takes after the key: the TD3 base's exploration noise, nothing for the SAC base."""
+    return (args.exploration_noise,) if hasattr(args, "exploration_noise") else ()
+
+
 def run_ours(script: str, argv: list[str], bounds: list[int], repo: Path) -> np.ndarray:
     """Seconds per env step of `repo`'s copy of the script in each sub-window (its charts/SPS event wall times)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -94,7 +99,7 @@ class Parts:
         self.agent = module.create_agent(args, obs_dim, action_dim, jax.random.PRNGKey(args.seed))
         self.metrics = module.Metrics.initial()
         self.keys = {"update": jax.random.PRNGKey(args.seed + 1), "explore": jax.random.PRNGKey(args.seed + 2)}
-        self.noise = (args.exploration_noise,) if hasattr(args, "exploration_noise") else ()  # the TD3 base's
+        self.noise = noise_of(args)
         self.actions = [self.env.action_space.sample() for _ in range(1000)]
         # The buffer at the loop's capacity (it matters), holding `learning_starts` random transitions.
         self.store = jax.jit(module.store_step, donate_argnums=0)

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from conftest import OPTIMISED_XLA, SCRIPTS, module_of, read_scalars, run_dirs, train_in, train_steps
 from programs import step_programs
+from throughput import noise_of
 
 CROSSQ_SCRIPTS = ["crossq_jax.py", "crossq_td3_jax.py"]  # the two with Batch Renormalization
 SAC_BASED = ["crossq_jax.py", "sac_jax.py"]  # a tanh-Gaussian actor and a learned entropy coefficient
@@ -383,7 +384,7 @@ def test_the_action_drawn_inside_the_step_is_the_one_explore_draws(script):
     train_step = module.make_train_step(args, ACTION_DIM)
     metrics, keys = module.Metrics.initial(), {"update": jax.random.PRNGKey(1), "explore": jax.random.PRNGKey(2)}
     obs = jax.random.normal(jax.random.PRNGKey(3), (1, OBS_DIM))
-    noise = (args.exploration_noise,) if hasattr(args, "exploration_noise") else ()
+    noise = noise_of(args)
     actions = []
     for step in range(args.learning_starts + 1, args.learning_starts + 4):
         pattern = module.actor_update_pattern(args, step)
