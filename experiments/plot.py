@@ -22,7 +22,8 @@ algorithm, over seeds:
 Figures go to docs/figures/{sweep}_steps.png (return against env steps, Figure 5),
 {sweep}_time.png (return against training wall-clock, Figure 6) and {sweep}_aggregate.png; the table of
 IQM at fixed steps and the runs' provenance go into docs/results.md between this sweep's markers, so
-the prose around them stays, and the table and figures into README.md where it has the sweep's markers.
+the prose around them stays, and the table and one figure (the aggregate, where there is one) into README.md
+where it has the sweep's markers.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class PlotArgs:
     page: Path = REPO / "docs" / "results.md"
     """the Markdown page whose generated block (between this sweep's markers) gets the table"""
     readme: Path = REPO / "README.md"
-    """a second page that gets the table and figures (not the runs' provenance) where it has the sweep's markers"""
+    """a second page that gets the table and one figure (not the runs' provenance) where it has the sweep's markers"""
     table_steps: list[int] = dataclasses.field(default_factory=lambda: [50_000, 100_000])
     """the env steps of the table's columns"""
     bootstrap_reps: int = 2000
@@ -359,9 +360,12 @@ def draw_sweep(args: PlotArgs, name: str, runs: list[Run]) -> None:
               "aggregate": f"aggregate over {', '.join(envs)}"}  # fmt: skip
 
     def block(page: Path, full: bool) -> str:
-        """This sweep's generated block of `page`: the table and figures; in full, the runs' provenance too."""
+        """This sweep's generated block of `page`: the table and figures, with the runs' provenance in full; else the
+        table and one figure, the aggregate over envs where there is one (the README's glance)."""
         link = lambda path: os.path.relpath(path, page.parent)
-        shown = [key for key in ("steps", "time", "aggregate") if key in figures and (full or key != "time")]
+        shown = [key for key in ("steps", "time", "aggregate") if key in figures]
+        if not full:
+            shown = ["aggregate" if "aggregate" in figures else "steps"]
         lines = [
             f"IQM over seeds [70% quantile interval] (seeds) of `eval/episodic_return`, sweep `{name}`:",
             "",

@@ -91,7 +91,7 @@ def test_redraw_writes_figures_and_the_table_between_markers(tmp_path):
     page.parent.mkdir()
     page.write_text("# Results\n\nProse before.\n\n<!-- experiments/plot.py: tiny begins (generated, do not edit) -->\n"
                     "old table\n<!-- experiments/plot.py: tiny ends -->\n\nProse after.\n")  # fmt: skip
-    readme = tmp_path / "README.md"  # shows the sweep where it has its markers: the table and figures, no provenance
+    readme = tmp_path / "README.md"  # shows the sweep where it has its markers: the table and one figure, no provenance
     readme.write_text("# Project\n\n<!-- experiments/plot.py: tiny begins (generated, do not edit) -->\n"
                       "<!-- experiments/plot.py: tiny ends -->\n\n## Usage\n")  # fmt: skip
     args = plot.PlotArgs(sweeps=["tiny"], live=[work, tmp_path / "runs"], results_dir=tmp_path / "results",
@@ -117,7 +117,7 @@ def test_redraw_writes_figures_and_the_table_between_markers(tmp_path):
     shown = readme.read_text()
     assert shown.startswith("# Project\n\n") and shown.endswith("\n\n## Usage\n")
     assert "| Hopper-v4 | crossq | 1250 [725, 2325] (4) | 2500 [1450, 4650] (4) | 2764 |" in shown
-    assert "(docs/figures/tiny_steps.png)" in shown and "(docs/figures/tiny_aggregate.png)" in shown
+    assert "(docs/figures/tiny_aggregate.png)" in shown and "tiny_steps.png" not in shown  # one figure: the aggregate
     assert "tiny_time.png" not in shown and "Runs:" not in shown and "[docs/results.md](docs/results.md)" in shown
     plot.main(args)
     assert page.read_text() == text and readme.read_text() == shown  # a redraw of the same data changes nothing
