@@ -315,18 +315,18 @@ def provenance(runs: list[Run]) -> str:
         commands = "; ".join(f"`{c}`" for c in sorted({generic(s) for s in finished + stopped}))
         lines += [
             f"- **{algo}**: " + (commands or "no run finished (each run's command: the log.txt beside its runs/)"),
-            f"  - seeds: {'; '.join(f'{env} {s}' for env, s in seeds.items())}; last evaluated step: "
+            f"    - seeds: {'; '.join(f'{env} {s}' for env, s in seeds.items())}; last evaluated step: "
             + ", ".join(map(str, last)),
         ]
         if finished:
-            lines.append(f"  - scripts at commit {', '.join(sorted({s['commit'] for s in finished}))}")
-            lines.append(f"  - on {'; '.join(sorted({s['hardware'] for s in finished}))}")
+            lines.append(f"    - scripts at commit {', '.join(sorted({s['commit'] for s in finished}))}")
+            lines.append(f"    - on {'; '.join(sorted({s['hardware'] for s in finished}))}")
         if live := [r.source["live"] for r in mine if "live" in r.source]:
-            lines.append(f"  - not finished, read from their TensorBoard events: {len(live)} runs")
+            lines.append(f"    - not finished, read from their TensorBoard events: {len(live)} runs")
         if stopped:
             folder = os.path.commonpath([s["log"].parents[3] for s in stopped])
             where = os.path.relpath(folder, REPO) if folder.startswith(str(REPO)) else folder
-            lines.append(f"  - stopped before their last step, read from the output they printed ({where}): "
+            lines.append(f"    - stopped before their last step, read from the output they printed ({where}): "
                          f"{len(stopped)} runs")  # fmt: skip
     return "\n".join(lines)
 
