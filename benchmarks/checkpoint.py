@@ -59,7 +59,7 @@ def main() -> None:
     )
     state = {
         "agent": agent,
-        "buffer": buffer.filled_part(),
+        "buffer": cq.filled_part(buffer),
         "metrics": cq.Metrics.initial(),
         "keys": {"update": jax.random.PRNGKey(1), "explore": jax.random.PRNGKey(2)},
         "obs": np.zeros(obs_dim, np.float32),

@@ -6,9 +6,6 @@ per script feeds it all the inputs in turn (conftest.run_main_with_each).
 A run that diverges is refused differently: exit 1, with a line that blames the training, not the env.
 """
 
-import functools
-
-import numpy as np
 import pytest
 from conftest import SCRIPTS, run_main_with_each, run_script
 
@@ -31,8 +28,11 @@ REFUSED = {
     "updates-over-int32": ["--utd", "1000", "--total-timesteps", "3000000"],
     # Compared with the int32 update counter inside the jitted update.
     "policy-delay-over-int32": ["--policy-delay", "3000000000"],
-    # The activations of one update at a 2e8 batch (tens of TiB), not the buffer, are what cannot fit.
-    "batch-of-2e8": ["--batch-size", "200000000", "--buffer-size", "200000000", "--learning-starts", "200000000"],
+    # The activations of one update at a 2e7 batch (TiB, as the compiled update says), not the buffer, cannot fit.
+    "batch-of-2e7": [
+        *["--batch-size", "20000000", "--buffer-size", "20000000", "--learning-starts", "20000000"],
+        *["--total-timesteps", "30000000"],
+    ],
     # A billion critics.
     "n-critics-1e9": ["--n-critics", "1000000000"],
     # A width beyond int64: no shape can hold it.
@@ -115,8 +115,8 @@ def test_memory_refusals_name_the_flag_and_the_figures(refusals, script):
         (line,) = results[name]["stderr"].splitlines()
         assert line.startswith(f"error: {flag} ") and " needs ~" in line and "iB" in line, line
         assert "this CPU has" in line and "of RAM (available" in line, line
-    (line,) = results["batch-of-2e8"]["stderr"].splitlines()
-    assert line.startswith("error: --batch-size 200000000 needs ~") and "TiB" in line, line
+    (line,) = results["batch-of-2e7"]["stderr"].splitlines()
+    assert line.startswith("error: --batch-size 20000000 needs ~") and "TiB" in line, line
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -154,13 +154,13 @@ VARIANTS = {
 def nbytes(tree) -> int:
     import jax
 
-    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+    return sum(jax.numpy.asarray(x).nbytes for x in jax.tree.leaves(tree))  # a Python int leaf: an int32 on the device
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_the_memory_estimate_matches_the_arrays_a_run_creates(script):
-    """The buffer and network parts of a script's estimate against the bytes of the arrays its
-    `ReplayBuffer.create` and `create_agent` really allocate (tiny sizes: nothing large is made)."""
+def test_the_memory_a_run_is_checked_against_is_what_it_allocates_and_compiles(script, monkeypatch):
+    """The buffer and network parts against the bytes of the arrays `ReplayBuffer.create` and `create_agent` really
+    allocate (tiny sizes); the update's part is the compiled program's working memory, counted in the refusal."""
     import importlib
 
     import jax
@@ -168,12 +168,24 @@ def test_the_memory_estimate_matches_the_arrays_a_run_creates(script):
     module = importlib.import_module(script[:-3])
     for variant in VARIANTS[script]:
         args = module.Args(actor_width=24, critic_width=40, batch_size=64, buffer_size=1000, **variant)
-        parts = module.memory_estimate(args, 3, 1)
-        buffer, networks = parts[0], parts[1:]
+        buffer, *networks = module.memory_parts(args, 3, 1)
         assert buffer.what == "the replay buffer"
-        # Their shapes, traced without running them (jax.eval_shape).
-        created_buffer = jax.eval_shape(functools.partial(module.ReplayBuffer.create, args.buffer_size, 3, 1))
-        agent = jax.eval_shape(functools.partial(module.create_agent, args, 3, 1), jax.random.PRNGKey(0))
         # What a checkpoint holds: the buffer, the networks' parameters, Adam states, statistics, targets.
-        assert buffer.host == pytest.approx(nbytes(created_buffer), rel=0.01)
-        assert sum(part.host for part in networks) == pytest.approx(nbytes(agent), rel=0.02), variant
+        assert buffer.host == buffer.device == nbytes(module.ReplayBuffer.create(args.buffer_size, 3, 1))
+        agent = module.create_agent(args, 3, 1, jax.random.PRNGKey(0))
+        assert sum(part.host for part in networks) == nbytes(agent), variant
+
+    args = module.Args(critic_width=256, batch_size=1024, buffer_size=2048, learning_starts=1024, total_timesteps=2048)
+    agent = module.create_agent(args, 3, 1, jax.random.PRNGKey(0))
+    parts = module.memory_parts(args, 3, 1, agent, module.make_train_step(args, 1))
+    update = parts[3]
+    assert update.what == "the activations of one update" and update.flags == "--batch-size 1024"
+    # A floor derived by hand: the backward pass keeps at least the critics' hidden activations (rows x width x 2
+    # layers x n_critics float32), on at least the batch's rows.
+    assert update.device >= args.batch_size * args.critic_width * 2 * args.n_critics * 4
+    needed = sum(part.device + part.host for part in parts)
+    monkeypatch.setattr(module, "host_memory", lambda: (2 * needed, needed))
+    module.check_memory(parts)  # just enough
+    monkeypatch.setattr(module, "host_memory", lambda: (2 * needed, needed - 1))
+    with pytest.raises(module.ConfigError, match=r"^--batch-size 1024 needs ~.* for the activations of one update"):
+        module.check_memory(parts)
