@@ -118,6 +118,18 @@ class Args:
     """continue the run saved in this run directory or checkpoint file, with its hyperparameters"""
 
 
+# Named starting points for the flags, picked by a word in front of them (the first: when none is given); flags after
+# the word override its values. `small` is the paper's CrossQ (small) of Table 2 and Figure 9: 256-wide critics.
+#   python crossq_jax.py small --env-id Hopper-v4
+PRESETS: dict[str, tuple[str, Args]] = {
+    "crossq": ("CrossQ with the paper's Table 1 hyperparameters (the defaults)", Args()),
+    "small": (
+        "CrossQ (small): 256-wide critics, as in the paper's Table 2",
+        Args(exp_name=f"{Args.exp_name}_small", critic_width=256),
+    ),
+}
+
+
 def make_env(
     env_id: str,
     seed: int,
@@ -519,7 +531,7 @@ def variables_of(state: BNTrainState) -> dict:
     return {"params": state.params, "batch_stats": state.batch_stats}
 
 
-def critic_loss(params, agent: AgentState, batch: Transition, key: jax.Array, gamma: float):
+def critic_loss(params, agent: AgentState, batch: Transition, key: jax.Array, args: Args):
     """Soft TD loss from one joint pass; returns (loss, (new critic batch_stats, mean Q))."""
     alpha = jnp.exp(agent.log_alpha.params["log_alpha"])
     next_mean, next_log_std = agent.actor.apply_fn(variables_of(agent.actor), batch.next_obs, train=False)
@@ -536,7 +548,7 @@ def critic_loss(params, agent: AgentState, batch: Transition, key: jax.Array, ga
     )
     q, next_q = jnp.split(q_all, 2, axis=1)  # each (n_critics, B)
     next_v = next_q.min(axis=0) - alpha * next_logp
-    target = jax.lax.stop_gradient(batch.rewards + gamma * (1.0 - batch.terminations) * next_v)
+    target = jax.lax.stop_gradient(batch.rewards + args.gamma * (1.0 - batch.terminations) * next_v)
     loss = 0.5 * ((q - target) ** 2).mean(axis=1).sum()
     return loss, (updates["batch_stats"], q.mean())
 
@@ -569,7 +581,7 @@ def make_train_step(args: Args, action_dim: int):
 
     def update_critic(agent: AgentState, metrics: Metrics, batch: Transition, key: jax.Array):
         (qf_loss, (batch_stats, qf_values)), grads = jax.value_and_grad(critic_loss, has_aux=True)(
-            agent.critic.params, agent, batch, key, args.gamma
+            agent.critic.params, agent, batch, key, args
         )
         agent = agent._replace(critic=agent.critic.apply_gradients(grads=grads).replace(batch_stats=batch_stats))
         return agent, metrics._replace(qf_loss=qf_loss, qf_values=qf_values)
@@ -1795,7 +1807,7 @@ def catch_signals() -> Callable[[], None]:
 EVAL_FLAGS = {"eval_model", "eval_episodes", "seed", "capture_video"}  # what applies to --eval-model
 
 
-def check_eval_flags(given: set[str], preset: str | None = None) -> None:
+def check_eval_flags(given: set[str], preset: str | None) -> None:
     """--eval-model uses the saved run's networks and env: a training flag beside it, whatever its value, or a
     preset word, is a mistake, said so."""
     if preset:
@@ -1893,15 +1905,47 @@ def evaluate_model(args: Args) -> dict:
 
 
 # MACHINERY: the command line
+# The hyperparameters in which the presets differ (exp_name aside: it only names the run). With --resume, a preset
+# word stands for these values and must agree with the checkpoint.
+PRESET_FIELDS = [
+    field.name
+    for field in dataclasses.fields(Args)
+    if field.name != "exp_name" and len({getattr(args, field.name) for _, args in PRESETS.values()}) > 1
+]
+
+
 def parse_args(argv: list[str] | None = None) -> Args:
-    """The command line; with --resume, flags not given take the checkpoint's values."""
-    argv = sys.argv[1:] if argv is None else argv
-    args = cli(argv)
+    """`[PRESET] [--flag value ...]`: an optional preset word picks the defaults (the first of PRESETS when left out),
+    every flag overrides them. With --resume, flags not given take the checkpoint's values, so a run resumes with its
+    preset without the word; a word given with --resume stands for its values of PRESET_FIELDS, as on the command line
+    that started the run, and must agree with the checkpoint."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    word = argv.pop(0) if argv and argv[0] in PRESETS else None
+    default_word, script = next(iter(PRESETS)), os.path.basename(__file__)
+    preset = word or default_word
+    description = (
+        f"{PRESETS[preset][0]}.\n\nPresets, chosen by the first word: {default_word} (when left out), "
+        f"{', '.join(list(PRESETS)[1:])}. Every flag overrides the preset's value; `{script} WORD --help` lists its "
+        f"values. `{script} --resume RUN_DIR` continues a run with its own hyperparameters, preset included."
+    )
+    parse = lambda defaults: cli(
+        argv, default=defaults, prog=f"{script} {word}" if word else script, description=description
+    )
+    args = parse(PRESETS[preset][1])
     if args.eval_model:
-        check_eval_flags(given_flags(argv))
+        check_eval_flags(given_flags(argv), word)
     elif args.resume:
         _, saved = read_checkpoint(args.resume, with_arrays=False)
-        args = cli(argv, default=dataclasses.replace(Args(**saved["args"]), resume=args.resume))
+        defaults = dataclasses.replace(Args(**saved["args"]), resume=args.resume)
+        # A preset word stands for its values, as on the command line that started the run.
+        word_values = {name: getattr(PRESETS[word][1], name) for name in PRESET_FIELDS} if word else {}
+        args = parse(dataclasses.replace(defaults, **word_values))
+        for name, value in word_values.items():
+            if getattr(args, name) == value != saved["args"][name]:  # the word's value, not a flag's
+                raise ConfigError(
+                    f"the checkpoint is not of a {word} run: --{name.replace('_', '-')} is {saved['args'][name]} "
+                    f"in it, {value} in {word} (resume without the preset word to continue the run as it was)"
+                )
     return args
 
 

@@ -69,7 +69,7 @@ def test_td_target_carries_no_gradient():
     agent = cq.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
     batch = cq.buffer_sample(buffer, jax.random.PRNGKey(3), args.batch_size)
     key = jax.random.PRNGKey(4)
-    grads = jax.grad(lambda p: cq.critic_loss(p, agent, batch, key, args.gamma)[0])(agent.critic.params)
+    grads = jax.grad(lambda p: cq.critic_loss(p, agent, batch, key, args)[0])(agent.critic.params)
 
     next_mean, next_log_std = agent.actor.apply_fn(cq.variables_of(agent.actor), batch.next_obs, train=False)
     next_actions, next_logp = cq.sample_tanh_gaussian(next_mean, next_log_std, key)

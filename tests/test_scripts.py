@@ -6,7 +6,6 @@ Runs are in-process (`module.train(args)` in a temporary folder), to keep the su
 """
 
 import dataclasses
-import inspect
 import json
 import re
 
@@ -105,8 +104,7 @@ def td_loss(module, args, agent, batch, key):
     if hasattr(module, "td_target"):  # sac_jax: the target comes from the target critics, apart
         target = module.td_target(agent, batch, key, args.gamma, args.target_subset_size)
         return module.critic_loss(agent.critic.params, agent, batch, target, key)[0]
-    gamma_or_args = args if "args" in inspect.signature(module.critic_loss).parameters else args.gamma
-    return module.critic_loss(agent.critic.params, agent, batch, key, gamma_or_args)[0]
+    return module.critic_loss(agent.critic.params, agent, batch, key, args)[0]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -287,7 +285,7 @@ SYSTEMS = [
     ("sac_jax.py", "redq"),
     ("sac_jax.py", "droq"),
 ]
-PRESET_WORDS = {"crossq_jax.py": [], "crossq_td3_jax.py": ["td3"], "sac_jax.py": ["redq", "droq"]}
+PRESET_WORDS = {"crossq_jax.py": ["small"], "crossq_td3_jax.py": ["td3"], "sac_jax.py": ["redq", "droq"]}
 
 
 def system_id(system: tuple[str, str | None]) -> str:
