@@ -347,15 +347,11 @@ class Critic(nn.Module):
         return nn.Dense(1)(x).squeeze(-1)
 
 
-class CriticEnsemble(nn.Module):
-    """`n_critics` independent critics evaluated in one vectorised call; returns (n_critics, batch)."""
+class CriticEnsemble(Critic):
+    """`n_critics` independent critics, each a Critic with these settings, evaluated in one vectorised call; returns
+    (n_critics, batch)."""
 
     n_critics: int = 2
-    width: int = 2048
-    activation: str = "relu"
-    bn_mode: str = "brn"
-    bn_momentum: float = 0.99
-    bn_warmup_steps: int = 100_000
 
     @nn.compact
     def __call__(self, obs: jax.Array, actions: jax.Array, train: bool) -> jax.Array:
@@ -506,7 +502,7 @@ def create_agent(args: Args, obs_dim: int, action_dim: int, key: jax.Array) -> A
     # The actor has no normalisation with --no-actor-bn, and in the LayerNorm ablation (as the authors' runs).
     actor_bn_mode = args.bn_mode if args.actor_bn and args.bn_mode != "layernorm" else "none"
     actor = Actor(action_dim, args.actor_width, actor_bn_mode, **norm)
-    critic = CriticEnsemble(args.n_critics, args.critic_width, args.critic_activation, args.bn_mode, **norm)
+    critic = CriticEnsemble(args.critic_width, args.critic_activation, args.bn_mode, **norm, n_critics=args.n_critics)
     actor_key, critic_key = jax.random.split(key)
     obs, actions = jnp.zeros((1, obs_dim)), jnp.zeros((1, action_dim))
     # Each init is one jitted call: run eagerly, every op of the forward pass would be compiled on its own.
