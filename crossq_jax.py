@@ -3,6 +3,7 @@
 # https://arxiv.org/abs/1902.05605 (the authors' code: https://github.com/adityab/CrossQ).
 # One self-contained file: Batch Renormalization layer, networks, replay buffer, jitted
 # joint-pass update and training loop. Copy it, read it top to bottom, change it.
+# Its documentation page (usage, logged metrics, implementation details, results): docs/crossq.md.
 import contextlib
 import ctypes.util
 import dataclasses
