@@ -64,6 +64,38 @@ def module_of(script: str):
     return importlib.import_module(script[:-3])
 
 
+# The synthetic transitions of the unit tests: 3-dimensional observations, 2-dimensional actions.
+OBS_DIM, ACTION_DIM = 3, 2
+SMALL = {"critic_width": 16, "actor_width": 16, "batch_size": 8, "learning_starts": 8, "buffer_size": 64}
+
+
+def small_args(script_or_module, preset: str | None = None, **overrides):
+    """A script's Args for `preset` (through its own parser; None: its defaults) with tiny networks and batches,
+    then `overrides`."""
+    module = module_of(script_or_module) if isinstance(script_or_module, str) else script_or_module
+    args = module.parse_args([preset] if preset else [])
+    return dataclasses.replace(args, **{**SMALL, **overrides})
+
+
+def filled_buffer(module, args, n: int = 16, seed: int = 0, obs=None, next_obs=None, terminal_every: int = 0):
+    """A replay buffer of `module` holding `n` random transitions (OBS_DIM, ACTION_DIM); with `obs`/`next_obs`,
+    every row has those states; with `terminal_every` k, rows 0, k, 2k, ... are terminal."""
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(seed)
+    buffer = module.ReplayBuffer.create(args.buffer_size, OBS_DIM, ACTION_DIM)
+    for i in range(n):
+        transition = module.Transition(
+            jnp.asarray(rng.normal(size=OBS_DIM) if obs is None else obs, jnp.float32),
+            jnp.asarray(rng.uniform(-1, 1, ACTION_DIM), jnp.float32),
+            jnp.float32(rng.normal()),
+            jnp.asarray(rng.normal(size=OBS_DIM) if next_obs is None else next_obs, jnp.float32),
+            jnp.float32(terminal_every > 0 and i % terminal_every == 0),
+        )
+        buffer = module.buffer_add(buffer, transition)
+    return buffer
+
+
 def learning_steps(module, args, agent, buffer, n_steps: int, metrics=None, seed: int = 1):
     """Yield (agent, metrics) after each of `n_steps` learning env steps of `module`'s training loop, from its
     first: the script's jitted train_step with the actor schedule the loop computes (the next actions drawn for

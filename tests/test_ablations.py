@@ -9,20 +9,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import learning_steps, train_steps
+from conftest import ACTION_DIM, OBS_DIM, filled_buffer, learning_steps, small_args, train_steps
 
 import crossq_jax
 import crossq_td3_jax
 import sac_jax
 
 SCRIPTS = {"crossq_jax": crossq_jax, "crossq_td3_jax": crossq_td3_jax, "sac_jax": sac_jax}
-OBS_DIM, ACTION_DIM = 3, 2
 PAPER_ACTIVATIONS = ["relu", "tanh", "elu", "glu", "relu6", "sin", "relu_over_max", "layernormed_relu"]
-
-
-def small_args(module, **overrides):
-    small = {"critic_width": 8, "actor_width": 8, "batch_size": 8, "learning_starts": 8, "buffer_size": 64}
-    return dataclasses.replace(module.Args(), **{**small, **overrides})
 
 
 def plain(module, **overrides):
@@ -42,22 +36,6 @@ def randomised(tree, seed: int):
 
 def trees_equal(a, b) -> bool:
     return all(jax.tree.leaves(jax.tree.map(np.array_equal, a, b)))
-
-
-def filled_buffer(module, args, obs=None, next_obs=None, n: int = 16):
-    """A buffer of `n` random transitions; with `obs`/`next_obs`, every row has those states."""
-    rng = np.random.default_rng(0)
-    buffer = module.ReplayBuffer.create(args.buffer_size, OBS_DIM, ACTION_DIM)
-    for i in range(n):
-        transition = module.Transition(
-            jnp.asarray(rng.normal(size=OBS_DIM) if obs is None else obs, jnp.float32),
-            jnp.asarray(rng.uniform(-1, 1, ACTION_DIM), jnp.float32),
-            jnp.float32(rng.normal()),
-            jnp.asarray(rng.normal(size=OBS_DIM) if next_obs is None else next_obs, jnp.float32),
-            jnp.float32(i % 5 == 0),
-        )
-        buffer = module.buffer_add(buffer, transition)
-    return buffer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,8 +158,9 @@ def test_the_critic_applies_the_critic_activation_and_the_actor_stays_relu(scrip
     np.testing.assert_allclose(q, np_critic(critic_params, obs, actions, name), rtol=2e-4, atol=2e-4)
     if name == "glu":  # the next Dense sees half the width
         shapes = {k: v.shape for k, v in flat(agent.critic.params).items()}
-        assert shapes["VmapCritic_0/Dense_1/kernel"] == (args.n_critics, 4, 8)
-        assert shapes["VmapCritic_0/Dense_2/kernel"] == (args.n_critics, 4, 1)
+        half = args.critic_width // 2
+        assert shapes["VmapCritic_0/Dense_1/kernel"] == (args.n_critics, half, args.critic_width)
+        assert shapes["VmapCritic_0/Dense_2/kernel"] == (args.n_critics, half, 1)
 
     # The actor: the same parameters as with relu critics, and a relu network whatever the critics use.
     relu_agent = module.create_agent(plain(module), OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
@@ -245,7 +224,7 @@ def test_layernorm_mode_normalises_each_sample_in_the_critic_and_leaves_the_acto
         alone = agent.critic.apply_fn({"params": params}, obs[i : i + 1], actions[i : i + 1], train=True)
         np.testing.assert_allclose(alone[:, 0], q[:, i], rtol=1e-5, atol=1e-5)
 
-    agent, metrics = train_steps(crossq_jax, args, agent, filled_buffer(crossq_jax, args))
+    agent, metrics = train_steps(crossq_jax, args, agent, filled_buffer(crossq_jax, args, terminal_every=5))
     assert int(metrics.nonfinite_step) == -1 and int(agent.critic.step) == 1
 
 
@@ -282,7 +261,9 @@ def test_with_target_networks_the_target_critic_reads_the_live_critics_running_s
         batch_stats=live_stats,
     )
     agent = agent._replace(critic=critic)
-    batch = sac_jax.buffer_sample(filled_buffer(sac_jax, args), jax.random.PRNGKey(2), args.batch_size)
+    batch = sac_jax.buffer_sample(
+        filled_buffer(sac_jax, args, terminal_every=5), jax.random.PRNGKey(2), args.batch_size
+    )
     key = jax.random.PRNGKey(3)
     y = np.asarray(sac_jax.td_target(agent, batch, key, args.gamma, args.target_subset_size))
 
@@ -309,7 +290,7 @@ def test_with_own_target_statistics_they_trail_the_live_ones_by_tau_and_the_targ
     agent = sac_jax.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
     assert trees_equal(agent.critic.target_batch_stats, agent.critic.batch_stats)
     before = jax.tree.map(np.asarray, agent.critic.target_batch_stats)
-    agent, _ = train_steps(sac_jax, args, agent, filled_buffer(sac_jax, args))
+    agent, _ = train_steps(sac_jax, args, agent, filled_buffer(sac_jax, args, terminal_every=5))
     live, own = flat(agent.critic.batch_stats), flat(agent.critic.target_batch_stats)
     for keys, value in flax.traverse_util.flatten_dict(before).items():
         if value.dtype.kind == "f":  # by hand (the integer call counters aside)
@@ -325,7 +306,9 @@ def test_with_own_target_statistics_they_trail_the_live_ones_by_tau_and_the_targ
     )
     critic = agent.critic.replace(target_params=randomised(agent.critic.params, seed=9), target_batch_stats=own_stats)
     agent = agent._replace(critic=critic)
-    batch = sac_jax.buffer_sample(filled_buffer(sac_jax, args), jax.random.PRNGKey(2), args.batch_size)
+    batch = sac_jax.buffer_sample(
+        filled_buffer(sac_jax, args, terminal_every=5), jax.random.PRNGKey(2), args.batch_size
+    )
     y = np.asarray(sac_jax.td_target(agent, batch, jax.random.PRNGKey(3), args.gamma, args.target_subset_size))
     mean, log_std = agent.actor.apply_fn(sac_jax.variables_of(agent.actor), batch.next_obs, train=False)
     next_actions, next_logp = sac_jax.sample_tanh_gaussian(mean, log_std, jax.random.split(jax.random.PRNGKey(3))[0])
@@ -349,7 +332,9 @@ def test_sac_critic_passes_with_and_without_target_networks(target_network):
     agent = sac_jax.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(agent)[0]]
     assert any("target_params" in p for p in paths) == target_network
-    agent, metrics = train_steps(sac_jax, args, agent, filled_buffer(sac_jax, args, s, s_next))
+    agent, metrics = train_steps(
+        sac_jax, args, agent, filled_buffer(sac_jax, args, obs=s, next_obs=s_next, terminal_every=5)
+    )
     assert int(metrics.nonfinite_step) == -1
     stats = flat(agent.critic.batch_stats)
     prefix = "VmapCritic_0/Normalization_0/BatchRenorm_0"
@@ -371,7 +356,9 @@ def test_without_target_networks_the_td_target_comes_from_the_live_critic():
     agent = sac_jax.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
     agent = agent._replace(critic=agent.critic.replace(params=randomised(agent.critic.params, seed=10)))
     assert agent.critic.target_params is None
-    batch = sac_jax.buffer_sample(filled_buffer(sac_jax, args), jax.random.PRNGKey(2), args.batch_size)
+    batch = sac_jax.buffer_sample(
+        filled_buffer(sac_jax, args, terminal_every=5), jax.random.PRNGKey(2), args.batch_size
+    )
     key = jax.random.PRNGKey(3)
     loss_fn = lambda p: sac_jax.joint_critic_loss(p, agent, batch, key, args.gamma, args.target_subset_size)[0]
     loss, grads = jax.value_and_grad(loss_fn)(agent.critic.params)
@@ -413,7 +400,7 @@ def test_td3_target_schedules_move_the_targets_when_they_should(schedule):
     args = small_args(crossq_td3_jax, bn_mode="none", tau=0.25, policy_delay=2, target_schedule=schedule)
     agent = crossq_td3_jax.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
     assert (agent.targets.actor is None) == (schedule == "authors")
-    buffer = filled_buffer(crossq_td3_jax, args)
+    buffer = filled_buffer(crossq_td3_jax, args, terminal_every=5)
     old = snapshot(agent.targets)
     steps = learning_steps(crossq_td3_jax, args, agent, buffer, 4)
     for call, (agent, metrics) in enumerate(steps, start=1):  # noqa: B007 (metrics: after the loop)
@@ -433,7 +420,9 @@ def test_td3_target_schedules_move_the_targets_when_they_should(schedule):
 def test_td3_next_action_comes_from_the_target_actor_or_the_live_one(schedule):
     args = small_args(crossq_td3_jax, bn_mode="none", tau=0.005, target_schedule=schedule)
     agent = crossq_td3_jax.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
-    batch = crossq_td3_jax.buffer_sample(filled_buffer(crossq_td3_jax, args), jax.random.PRNGKey(1), 8)
+    batch = crossq_td3_jax.buffer_sample(
+        filled_buffer(crossq_td3_jax, args, terminal_every=5), jax.random.PRNGKey(1), 8
+    )
     loss = lambda agent: crossq_td3_jax.critic_loss(agent.critic.params, agent, batch, jax.random.PRNGKey(2), args)[0]
     moved = agent._replace(actor=agent.actor.replace(params=randomised(agent.actor.params, seed=11)))
     # Only the live actor changed: the authors' a' follows it, Fujimoto's target actor does not.

@@ -2,42 +2,18 @@
 and the flag checks. What every script does alike (whole runs included) is in test_scripts.py, the BRN layer
 in test_batch_renorm.py."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import tyro
-from conftest import learning_steps, train_steps
+from conftest import ACTION_DIM, OBS_DIM, filled_buffer, learning_steps, small_args, train_steps
 
 import crossq_jax as cq
 
 # ---------------------------------------------------------------------------------------------
 # The agent: joint pass, stop-gradient, no target network, policy delay
 # ---------------------------------------------------------------------------------------------
-
-OBS_DIM, ACTION_DIM = 3, 2
-
-
-def small_args(**overrides) -> cq.Args:
-    defaults = {"critic_width": 16, "actor_width": 16, "batch_size": 8, "learning_starts": 8, "buffer_size": 64}
-    return dataclasses.replace(cq.Args(), **{**defaults, **overrides})
-
-
-def filled_buffer(args, obs, next_obs, n=16, seed=0) -> cq.ReplayBuffer:
-    rng = np.random.default_rng(seed)
-    buffer = cq.ReplayBuffer.create(args.buffer_size, OBS_DIM, ACTION_DIM)
-    for _ in range(n):
-        transition = cq.Transition(
-            jnp.asarray(obs, jnp.float32),
-            jnp.asarray(rng.uniform(-1, 1, ACTION_DIM), jnp.float32),
-            jnp.float32(rng.normal()),
-            jnp.asarray(next_obs, jnp.float32),
-            jnp.float32(0.0),
-        )
-        buffer = cq.buffer_add(buffer, transition)
-    return buffer
 
 
 def test_one_update_normalises_current_and_next_states_together():
@@ -47,9 +23,9 @@ def test_one_update_normalises_current_and_next_states_together():
     (s + s') / 2 and variance ((s - s') / 2)^2 whatever rows are sampled. Two separate passes
     would give steps == 2, or statistics of s alone (variance 0).
     """
-    args = small_args(bn_momentum=0.9)
+    args = small_args(cq, bn_momentum=0.9)
     s, s_next = np.array([1.0, -2.0, 3.0]), np.array([3.0, 2.0, -1.0])
-    buffer = filled_buffer(args, s, s_next)
+    buffer = filled_buffer(cq, args, obs=s, next_obs=s_next)
     agent = cq.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
     agent, _ = train_steps(cq, args, agent, buffer)
 
@@ -64,8 +40,8 @@ def test_one_update_normalises_current_and_next_states_together():
 
 def test_td_target_carries_no_gradient():
     """grad of the critic loss == grad of 0.5 * sum_i mean (q_i - y)^2 with y a frozen constant."""
-    args = small_args()
-    buffer = filled_buffer(args, [0.5, 1.0, -1.0], [1.0, 0.0, 2.0])
+    args = small_args(cq)
+    buffer = filled_buffer(cq, args, obs=[0.5, 1.0, -1.0], next_obs=[1.0, 0.0, 2.0])
     agent = cq.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
     batch = cq.buffer_sample(buffer, jax.random.PRNGKey(3), args.batch_size)
     key = jax.random.PRNGKey(4)
@@ -96,7 +72,7 @@ def test_td_target_carries_no_gradient():
 
 
 def test_there_is_no_target_network():
-    args = small_args(n_critics=2)
+    args = small_args(cq, n_critics=2)
     agent = cq.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(agent)[0]]
     assert not [p for p in paths if "target" in p.lower()]
@@ -110,8 +86,8 @@ def test_there_is_no_target_network():
 
 @pytest.mark.parametrize("utd,policy_delay", [(1, 3), (1, 1), (2, 3)])
 def test_actor_changes_exactly_every_policy_delay_critic_updates(utd, policy_delay):
-    args = small_args(utd=utd, policy_delay=policy_delay)
-    buffer = filled_buffer(args, [0.5, 1.0, -1.0], [1.0, 0.0, 2.0])
+    args = small_args(cq, utd=utd, policy_delay=policy_delay)
+    buffer = filled_buffer(cq, args, obs=[0.5, 1.0, -1.0], next_obs=[1.0, 0.0, 2.0])
     agent = cq.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
     actor_updates, before, critic_steps_before = 0, jax.tree.map(np.asarray, agent.actor.params), 0
     steps = learning_steps(cq, args, agent, buffer, 6)

@@ -31,7 +31,7 @@ REFUSED = {
     # The activations of one update at a 2e7 batch (TiB, as the compiled update says), not the buffer, cannot fit.
     "batch-of-2e7": [
         *["--batch-size", "20000000", "--buffer-size", "20000000", "--learning-starts", "20000000"],
-        *["--total-timesteps", "30000000"],
+        *["--total-timesteps", "30000000", "--critic-width", "2048"],  # sac_jax's critics are 256 wide by default
     ],
     # A billion critics.
     "n-critics-1e9": ["--n-critics", "1000000000"],

@@ -15,36 +15,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import OPTIMISED_XLA, SCRIPTS, module_of, read_scalars, run_dirs, train_in, train_steps
+from conftest import (
+    ACTION_DIM,
+    OBS_DIM,
+    OPTIMISED_XLA,
+    SCRIPTS,
+    filled_buffer,
+    module_of,
+    read_scalars,
+    run_dirs,
+    small_args,
+    train_in,
+    train_steps,
+)
 from programs import step_programs
 from throughput import noise_of
 
 CROSSQ_SCRIPTS = ["crossq_jax.py", "crossq_td3_jax.py"]  # the two with Batch Renormalization
 SAC_BASED = ["crossq_jax.py", "sac_jax.py"]  # a tanh-Gaussian actor and a learned entropy coefficient
-OBS_DIM, ACTION_DIM = 3, 2
-
-
-def small_args(script: str, preset: str | None = None, **overrides):
-    """The script's Args for `preset`, through its own parser, with tiny networks and batches."""
-    module = module_of(script)
-    args = module.parse_args([preset] if preset else [])
-    small = {"critic_width": 16, "actor_width": 16, "batch_size": 8, "learning_starts": 8, "buffer_size": 64}
-    return dataclasses.replace(args, **{**small, **overrides})
-
-
-def filled_buffer(module, args, n: int = 16, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    buffer = module.ReplayBuffer.create(args.buffer_size, OBS_DIM, ACTION_DIM)
-    for _ in range(n):
-        transition = module.Transition(
-            jnp.asarray(rng.normal(size=OBS_DIM), jnp.float32),
-            jnp.asarray(rng.uniform(-1, 1, ACTION_DIM), jnp.float32),
-            jnp.float32(rng.normal()),
-            jnp.asarray(rng.normal(size=OBS_DIM), jnp.float32),
-            jnp.float32(0.0),
-        )
-        buffer = module.buffer_add(buffer, transition)
-    return buffer
 
 
 # ---------------------------------------------------------------------------------------------
