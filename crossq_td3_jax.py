@@ -7,6 +7,7 @@
 import contextlib
 import ctypes.util
 import dataclasses
+import functools
 import io
 import itertools
 import json
@@ -132,7 +133,7 @@ class Args:
 # Named starting points for the flags, picked by a word in front of them. `td3` is the TD3 baseline
 # of the paper's Figure 5: target actor and critics with tau 0.005, no normalisation, critic width
 # 256, Adam b1 0.9, policy delay 2 (smoothing and exploration noise as in CrossQ-TD3), and Fujimoto's
-# target schedule (`--target-schedule authors`: the CrossQ authors' TD3 mode; README says why).
+# target schedule (`--target-schedule authors`: the CrossQ authors' TD3 mode; docs/crossq_td3.md says why).
 #   python crossq_td3_jax.py td3 --env-id Hopper-v4     (flags after the word override the preset)
 #   python crossq_td3_jax.py --env-id Hopper-v4         (no word: CrossQ-TD3, the defaults of Args)
 PRESETS: dict[str, dict[str, Any]] = {
@@ -171,6 +172,59 @@ def make_env(
         return env
 
     return thunk
+
+
+DMC_PREFIX = "dm_control/"  # DeepMind Control Suite ids, as shimmy registers them (Appendix A.1 of the paper)
+
+
+def import_dm_control() -> None:
+    """Register the `dm_control/<domain>-<task>` ids (importing shimmy does), or say what to install."""
+    # dm_control picks its OpenGL backend once, on import. Training renders nothing: without a
+    # display, take headless EGL where its library exists and no backend otherwise, rather than
+    # GLFW, which wants a display. A MUJOCO_GL set by the user wins.
+    if "MUJOCO_GL" not in os.environ and not os.environ.get("DISPLAY"):
+        os.environ["MUJOCO_GL"] = "egl" if ctypes.util.find_library("EGL") else "disable"
+    try:
+        import dm_control.suite  # noqa: F401
+        import shimmy  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(
+            f"DeepMind Control envs need shimmy and dm-control ({e}): pip install -r requirements-dmc.txt"
+        ) from None
+
+
+def mujoco_warning(message: str) -> None:
+    """MuJoCo's warnings as Python's (shown once each, filterable), instead of its own printing and appending to
+    MUJOCO_LOG.TXT in the working folder. MuJoCo 4 warns that the v4 envs' models use `settotalmass`, which it
+    deprecates: that one, the paper's envs' own, is dropped."""
+    if "settotalmass" not in message:
+        warnings.warn(f"MuJoCo: {message.strip()}", RuntimeWarning, stacklevel=2)
+
+
+def gym_make(env_id: str, **kwargs) -> gym.Env:
+    if env_id.startswith(DMC_PREFIX):
+        import_dm_control()
+    with contextlib.suppress(ImportError):  # MuJoCo envs: before their models compile
+        import mujoco
+
+        mujoco.set_mju_user_warning(mujoco_warning)
+    with warnings.catch_warnings():
+        # The paper's results are on the v4 MuJoCo envs, which gymnasium 1.x calls out of date at every make.
+        warnings.filterwarnings("ignore", message=".*is out of date", category=DeprecationWarning)
+        env = gym.make(env_id, **kwargs)
+    space = env.observation_space
+    if not (isinstance(space, gym.spaces.Box) and len(space.shape) == 1):
+        # The networks take one vector. DeepMind Control observes a dict of arrays: each entry flattened (a scalar
+        # gives one number), in the Dict space's key order, which gymnasium sorts alphabetically (as the authors'
+        # SB3 MultiInputPolicy concatenates them); an image or matrix Box is raveled.
+        try:
+            env = gym.wrappers.FlattenObservation(env)
+        except Exception:  # a space gymnasium cannot flatten (a custom one)
+            env = None
+        flat = env is not None and isinstance(env.observation_space, gym.spaces.Box)  # a Graph flattens to a Graph
+        if not flat or len(env.observation_space.shape) != 1:
+            raise ConfigError(f"{env_id} has observations of {space}, which do not flatten into a vector")
+    return env
 
 
 # ALGO LOGIC: Batch Renormalization
@@ -393,8 +447,6 @@ class Metrics(NamedTuple):
 
 
 LOSS_NAMES = ("qf_loss", "actor_loss")
-# What each progress line logs to TensorBoard as losses/<name> and prints in this format (None: logged only).
-PROGRESS_METRICS = {"qf_loss": ".3f", "qf_values": ".2f", "actor_loss": ".3f"}
 
 
 # ALGO LOGIC: replay buffer, on the device so that sampling happens inside the jitted update
@@ -419,19 +471,6 @@ class ReplayBuffer(NamedTuple):
             position=jnp.zeros((), jnp.int32),
             size=jnp.zeros((), jnp.int32),
         )
-
-    def filled_part(self) -> "ReplayBuffer":
-        """The rows that hold data: what a checkpoint stores."""
-        n = int(self.size)
-        return self._replace(**{name: getattr(self, name)[:n] for name in Transition._fields})
-
-    def refill(self, stored: "ReplayBuffer") -> "ReplayBuffer":
-        """This empty buffer with a checkpoint's filled part, position and size put back."""
-        rows = {
-            name: getattr(self, name).at[: len(getattr(stored, name))].set(getattr(stored, name))
-            for name in Transition._fields
-        }
-        return self._replace(**rows, position=jnp.asarray(stored.position), size=jnp.asarray(stored.size))
 
 
 class Transition(NamedTuple):
@@ -638,7 +677,7 @@ def actor_update_pattern(args: Args, step: int) -> tuple[bool, ...]:
 
 # ALGO LOGIC: acting and evaluation
 @jax.jit
-def act(actor_state: BNTrainState, obs: jax.Array) -> jax.Array:
+def deterministic_action(actor_state: BNTrainState, obs: jax.Array) -> jax.Array:
     """The deterministic evaluation action pi(s), actor in eval mode."""
     return actor_state.apply_fn(variables_of(actor_state), obs, train=False)
 
@@ -648,7 +687,7 @@ def explore(actor_state: BNTrainState, obs: jax.Array, explore_key: jax.Array, s
     """An exploration action clip(pi(s) + N(0, std^2) per dimension, -1, 1), actor in eval mode, the noise drawn
     with split(explore_key)[1]. The key moves on to split(explore_key)[0] once that action is taken (in the next
     train_step), so that the key a checkpoint holds is the one the next draw uses."""
-    return add_noise(act(actor_state, obs), jax.random.split(explore_key)[1], std)
+    return add_noise(deterministic_action(actor_state, obs), jax.random.split(explore_key)[1], std)
 
 
 def evaluate(actor_state: BNTrainState, env: gym.Env, n_episodes: int) -> list[float]:
@@ -658,7 +697,7 @@ def evaluate(actor_state: BNTrainState, env: gym.Env, n_episodes: int) -> list[f
         obs, _ = env.reset()
         done, episode_return = False, 0.0
         while not done:
-            action = np.asarray(act(actor_state, obs[None].astype(np.float32)))[0]
+            action = np.asarray(deterministic_action(actor_state, obs[None].astype(np.float32)))[0]
             obs, reward, terminated, truncated, _ = env.step(action)
             episode_return += float(reward)
             done = terminated or truncated
@@ -666,8 +705,112 @@ def evaluate(actor_state: BNTrainState, env: gym.Env, n_episodes: int) -> list[f
     return returns
 
 
-# ALGO LOGIC: Q-bias measurement (the paper's Figures 7 and 17), Chen et al.'s (REDQ) protocol as the
-# CrossQ authors ran it (`-eval_qbias 1`): episodes of the current policy from fresh resets, at most
+# ALGO LOGIC: the training loop
+def train(args: Args) -> dict:
+    """Run CrossQ-TD3 (or the TD3 baseline) as `args` says; returns the last eval's mean return and the run's name."""
+    run = start_run(args)  # the checks that need no compiled program; nothing is allocated or written yet
+    obs_dim, action_dim = run.obs_dim, run.action_dim
+
+    # Seeding: Python and numpy for good measure; the env, its action space and JAX explicitly.
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    key = jax.random.PRNGKey(args.seed)
+    key, agent_key, explore_key = jax.random.split(key, 3)
+
+    # The recorder keeps each episode's reset state and actions: what a resumed run replays to get the env back.
+    env = EpisodeRecorder(make_env(args.env_id, args.seed)())
+    env.reset(seed=args.seed)  # seeds the env's generator; each episode records its state at reset
+    # One video per evaluation, of its first episode (episode 0 is the seeding reset below).
+    first_of_each_evaluation = lambda episode: episode > 0 and (episode - 1) % args.eval_episodes == 0
+    eval_env = make_env(args.env_id, args.seed + 10_000, args.capture_video, run.name, first_of_each_evaluation)()
+    eval_env.reset(seed=args.seed + 10_000)
+    q_bias_env = make_env(args.env_id, args.seed + Q_BIAS_SEED_OFFSET)() if args.q_bias_freq else None
+
+    agent = create_agent(args, obs_dim, action_dim, agent_key)
+    train_step = make_train_step(args, action_dim)
+    # XLA compiles the step's programs now, before the buffer exists (the loop's calls reuse them): a run that would
+    # not fit in memory with their working memory is refused here, before it leaves any trace.
+    check_memory(memory_parts(args, obs_dim, action_dim, agent, train_step))
+    buffer = ReplayBuffer.create(args.buffer_size, obs_dim, action_dim)
+    metrics = Metrics.initial()
+    store = jax.jit(store_step, donate_argnums=0)  # its own jitted call: see train_step
+    keys = {"update": key, "explore": explore_key}
+    obs, episodic_return, eval_return = np.zeros(obs_dim, np.float32), float("nan"), float("nan")
+
+    def checkpoint_arrays() -> dict:
+        """The arrays a checkpoint holds, under these names (the recorder adds the episode's actions)."""
+        return {"agent": agent, "buffer": filled_part(buffer), "metrics": metrics, "keys": keys, "obs": obs}
+
+    start_step = 0
+    if args.resume:  # the checkpoint's arrays, generators and env state: the run goes on as if never stopped
+        restored, obs, start_step, eval_return, episodic_return = run.resume(checkpoint_arrays(), env, eval_env)
+        agent, metrics, keys = jax.device_put((restored["agent"], restored["metrics"], restored["keys"]))
+        buffer = refill(buffer, restored["buffer"])
+    else:
+        run.open()  # W&B, runs/{run_name} with args.json, the event writer
+        obs, _ = env.reset()
+    writer = run.writer  # a resumed run's: made once its checkpoint was restored
+    # Each learning env step ends with the next step's action, drawn after the step's updates; the first is drawn here.
+    if start_step >= args.learning_starts:
+        next_action = explore(agent.actor, obs[None].astype(np.float32), keys["explore"], args.exploration_noise)
+
+    # Around the loop: the SPS clock, and SIGTERM/SIGINT caught; at the end the writer, envs and W&B are closed.
+    with run.training(env, eval_env, q_bias_env):
+        for global_step in range(start_step + 1, args.total_timesteps + 1):
+            learning = global_step > args.learning_starts
+            if learning:
+                action = np.asarray(next_action)[0]  # waits for the previous step's device work
+                if not np.isfinite(action).all():
+                    raise FloatingPointError(policy_diverged(global_step, metrics))
+            else:
+                action = env.action_space.sample()
+
+            next_obs, reward, terminated, truncated, info = env.step(action)
+            policy_obs = next_obs
+            if terminated or truncated:  # reset before the device work: it touches only the env's own generator
+                episodic_return = float(info["episode"]["r"])
+                writer.add_scalar("charts/episodic_return", episodic_return, global_step)
+                writer.add_scalar("charts/episodic_length", info["episode"]["l"], global_step)
+                policy_obs, _ = env.reset()
+
+            # One transfer to the device per step. Bootstrap through time-limit truncations: only a true terminal
+            # ends the return.
+            step_data = pack_step(obs, action, reward, terminated, next_obs, policy_obs)
+            if not np.isfinite(step_data).all():  # as the float32 the buffer stores: 1e39 is inf there
+                raise FloatingPointError(env_not_finite(args.env_id, global_step))
+            buffer, device_obs = store(buffer, step_data)
+            obs = policy_obs
+            if learning:  # this step's updates, then the next step's action: one compiled program, no host wait
+                actor_updates = actor_update_pattern(args, global_step)
+                agent, metrics, keys, next_action = train_step(agent, metrics, buffer, keys, device_obs, actor_updates)
+            elif global_step == args.learning_starts:
+                next_action = explore(agent.actor, device_obs, keys["explore"], args.exploration_noise)
+
+            if global_step % args.log_freq == 0:  # charts/SPS, losses/* and one plain line with the time left
+                run.log_progress(global_step, learning, episodic_return, agent, metrics)
+            with run.clock.paused():  # SPS counts training time only: evaluation, Q bias and checkpoints are excluded
+                if (args.eval_freq and global_step % args.eval_freq == 0) or global_step == args.total_timesteps:
+                    check_finite(global_step, agent, metrics)
+                    returns = evaluate(agent.actor, eval_env, args.eval_episodes)
+                    eval_return = float(np.mean(returns))
+                    writer.add_scalar("eval/episodic_return", eval_return, global_step)
+                    print(
+                        f"step={global_step} eval/episodic_return={eval_return:.1f} +- {np.std(returns):.1f} "
+                        f"({len(returns)} episodes)",
+                        flush=True,
+                    )
+                if args.q_bias_freq and global_step % args.q_bias_freq == 0:
+                    log_q_bias(writer, q_bias_env, agent, args, global_step)
+                # Every --checkpoint-freq env steps; after SIGTERM/SIGINT, a checkpoint and the end of the run.
+                run.checkpoint_if_due(global_step, checkpoint_arrays, eval_return, episodic_return, env, eval_env)
+
+        if args.save_model:  # still inside: a signal now waits until the model is written
+            save_model(agent, run.dir, args.exp_name)
+    return {"eval_return": eval_return, "run_name": run.name}
+
+
+# Q-BIAS MEASUREMENT (--q-bias-freq, off by default; the paper's Figures 7 and 17): Chen et al.'s (REDQ)
+# protocol as the CrossQ authors ran it (`-eval_qbias 1`): episodes of the current policy from fresh resets, at most
 # 1000 steps each; the Monte-Carlo discounted return from each of an episode's first `cutoff` states
 # (later states have too little episode left for it); the critics' mean prediction for the same
 # (s, a) against it; the bias normalised per state by |MC| floored at 10, as their code does.
@@ -743,7 +886,7 @@ def q_bias_critic(agent: AgentState) -> Callable[[np.ndarray, np.ndarray], jax.A
 
 def q_bias_policy(agent: AgentState) -> Callable[[np.ndarray], np.ndarray]:
     """The deterministic policy, whose Q the TD3 base's critics estimate (no entropy, no sampling)."""
-    return lambda obs: np.asarray(act(agent.actor, obs[None].astype(np.float32)))[0]
+    return lambda obs: np.asarray(deterministic_action(agent.actor, obs[None].astype(np.float32)))[0]
 
 
 def log_q_bias(writer: "SummaryWriter", env: gym.Env, agent: AgentState, args: Args, step: int) -> None:
@@ -761,106 +904,6 @@ def log_q_bias(writer: "SummaryWriter", env: gym.Env, agent: AgentState, args: A
         f"Q {stats['q_value']:.2f} vs MC {stats['mc_return']:.2f} on {args.q_bias_samples} states)",
         flush=True,
     )
-
-
-# ALGO LOGIC: the training loop
-def train(args: Args) -> dict:
-    """Run CrossQ-TD3 (or the TD3 baseline) as `args` says; returns the last eval's mean return and the run's name."""
-    run = start_run(args)  # every check first; then runs/{run_name} with args.json, W&B and the event writer
-    obs_dim, action_dim = run.obs_dim, run.action_dim
-
-    # Seeding: Python and numpy for good measure; the env, its action space and JAX explicitly.
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    key = jax.random.PRNGKey(args.seed)
-    key, agent_key, explore_key = jax.random.split(key, 3)
-
-    # The recorder keeps each episode's reset state and actions: what a resumed run replays to get the env back.
-    env = EpisodeRecorder(make_env(args.env_id, args.seed)())
-    env.reset(seed=args.seed)  # seeds the env's generator; each episode records its state at reset
-    # One video per evaluation, of its first episode (episode 0 is the seeding reset below).
-    first_of_each_evaluation = lambda episode: episode > 0 and (episode - 1) % args.eval_episodes == 0
-    eval_env = make_env(args.env_id, args.seed + 10_000, args.capture_video, run.name, first_of_each_evaluation)()
-    eval_env.reset(seed=args.seed + 10_000)
-    q_bias_env = make_env(args.env_id, args.seed + Q_BIAS_SEED_OFFSET)() if args.q_bias_freq else None
-
-    agent = create_agent(args, obs_dim, action_dim, agent_key)
-    buffer = ReplayBuffer.create(args.buffer_size, obs_dim, action_dim)
-    metrics = Metrics.initial()
-    train_step = make_train_step(args, action_dim)
-    store = jax.jit(store_step, donate_argnums=0)  # its own jitted call: see train_step
-    keys = {"update": key, "explore": explore_key}
-    obs, episodic_return, eval_return = np.zeros(obs_dim, np.float32), float("nan"), float("nan")
-
-    def state() -> dict:
-        """The arrays a checkpoint holds, under these names (the recorder adds the episode's actions)."""
-        return {"agent": agent, "buffer": buffer.filled_part(), "metrics": metrics, "keys": keys, "obs": obs}
-
-    start_step = 0
-    if args.resume:  # the checkpoint's arrays, generators and env state: the run goes on as if never stopped
-        restored, obs, start_step, eval_return, episodic_return = run.resume(state(), env, eval_env)
-        agent, metrics, keys = jax.device_put((restored["agent"], restored["metrics"], restored["keys"]))
-        buffer = buffer.refill(restored["buffer"])
-    else:
-        obs, _ = env.reset()
-    writer = run.writer  # a resumed run's: made once its checkpoint was restored
-    # Each learning env step ends with the next step's action, drawn after the step's updates; the first is drawn here.
-    if start_step >= args.learning_starts:
-        next_action = explore(agent.actor, obs[None].astype(np.float32), keys["explore"], args.exploration_noise)
-
-    # Around the loop: the SPS clock, and SIGTERM/SIGINT caught; at the end the writer, envs and W&B are closed.
-    with run.training(env, eval_env, q_bias_env):
-        for global_step in range(start_step + 1, args.total_timesteps + 1):
-            learning = global_step > args.learning_starts
-            if learning:
-                action = np.asarray(next_action)[0]  # waits for the previous step's device work
-                if not np.isfinite(action).all():
-                    raise FloatingPointError(policy_diverged(global_step, metrics))
-            else:
-                action = env.action_space.sample()
-
-            next_obs, reward, terminated, truncated, info = env.step(action)
-            policy_obs = next_obs
-            if terminated or truncated:  # reset before the device work: it touches only the env's own generator
-                episodic_return = float(info["episode"]["r"])
-                writer.add_scalar("charts/episodic_return", episodic_return, global_step)
-                writer.add_scalar("charts/episodic_length", info["episode"]["l"], global_step)
-                policy_obs, _ = env.reset()
-
-            # One transfer to the device per step. Bootstrap through time-limit truncations: only a true terminal
-            # ends the return.
-            step_data = pack_step(obs, action, reward, terminated, next_obs, policy_obs)
-            if not np.isfinite(step_data).all():  # as the float32 the buffer stores: 1e39 is inf there
-                raise FloatingPointError(env_not_finite(args.env_id, global_step))
-            buffer, device_obs = store(buffer, step_data)
-            obs = policy_obs
-            if learning:  # this step's updates, then the next step's action: one compiled program, no host wait
-                actor_updates = actor_update_pattern(args, global_step)
-                agent, metrics, keys, next_action = train_step(agent, metrics, buffer, keys, device_obs, actor_updates)
-            elif global_step == args.learning_starts:
-                next_action = explore(agent.actor, device_obs, keys["explore"], args.exploration_noise)
-
-            if global_step % args.log_freq == 0:  # charts/SPS, losses/* and one plain line with the time left
-                run.log_progress(global_step, learning, episodic_return, agent, metrics)
-            with run.clock.paused():  # SPS counts training time only: evaluation, Q bias and checkpoints are excluded
-                if (args.eval_freq and global_step % args.eval_freq == 0) or global_step == args.total_timesteps:
-                    check_finite(global_step, agent, metrics)
-                    returns = evaluate(agent.actor, eval_env, args.eval_episodes)
-                    eval_return = float(np.mean(returns))
-                    writer.add_scalar("eval/episodic_return", eval_return, global_step)
-                    print(
-                        f"step={global_step} eval/episodic_return={eval_return:.1f} +- {np.std(returns):.1f} "
-                        f"({len(returns)} episodes)",
-                        flush=True,
-                    )
-                if args.q_bias_freq and global_step % args.q_bias_freq == 0:
-                    log_q_bias(writer, q_bias_env, agent, args, global_step)
-                # Every --checkpoint-freq env steps; after SIGTERM/SIGINT, a checkpoint and the end of the run.
-                run.checkpoint_if_due(global_step, state, eval_return, episodic_return, env, eval_env)
-
-        if args.save_model:  # still inside: a signal now waits until the model is written
-            save_model(agent, run.dir, args.exp_name)
-    return {"eval_return": eval_return, "run_name": run.name}
 
 
 # ==================================================================================================
@@ -882,6 +925,8 @@ RESUMABLE_FLAGS |= {"wandb_project_name", "wandb_entity", "capture_video"}
 RESUMABLE_FLAGS |= {"q_bias_freq", "q_bias_samples", "q_bias_cutoff"}  # measured beside training, never in it
 
 MODEL_SUFFIX = ".crossq_model"  # what --save-model writes: runs/{run_name}/{exp_name}.crossq_model
+# What each progress line logs to TensorBoard as losses/<name> and prints in this format (None: logged only).
+PROGRESS_METRICS = {"qf_loss": ".3f", "qf_values": ".2f", "actor_loss": ".3f"}
 
 
 class ConfigError(ValueError):
@@ -933,8 +978,9 @@ class SummaryWriter:
 
 
 def start_run(args: Args) -> "Run":
-    """Every check first, so that a refused run leaves no trace; then W&B, and runs/{run_name} with its args.json
-    and the event writer (Run.open; a resumed run's once its checkpoint is restored, in Run.resume)."""
+    """Every check that needs no compiled program: the command line, the env, the checkpoint to resume, the memory of
+    the buffer and networks, the disk. Nothing is allocated or written yet: the run leaves its trace in Run.open,
+    once train() has checked its compiled programs too (a resumed run once its checkpoint is restored)."""
     check_backend()
     check_args(args)
     check_optional_dependencies(args)  # first: it may pick MuJoCo's renderer
@@ -948,30 +994,12 @@ def start_run(args: Args) -> "Run":
         # "dm_control/reacher-easy" would nest a folder: the run's name takes "dm_control-reacher-easy"
         run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
         run_dir = os.path.join("runs", run_name)
-    check_memory(args, obs_dim, action_dim)
-    check_disk(args, run_dir, obs_dim, action_dim)
-    if args.track:  # before the run folder: a W&B that cannot start leaves nothing behind
-        import wandb
-
-        try:  # before the writer too: wandb syncs TensorBoard by patching the event-file writer it creates
-            wandb.init(
-                project=args.wandb_project_name,
-                entity=args.wandb_entity,
-                sync_tensorboard=True,
-                config=vars(args),
-                name=run_name,
-                save_code=True,  # no monitor_gym: wandb's hook fails on gymnasium 1.x's RecordVideo
-            )
-        except Exception as e:  # not logged in, no network, a bad entity ...
-            first_line = (str(e).strip().splitlines() or [""])[0]
-            raise ConfigError(
-                f"--track: W&B could not start a run ({type(e).__name__}: {first_line}); `wandb login`, or "
-                "WANDB_MODE=offline to log locally"
-            ) from None
-    run = Run(args, run_name, run_dir, obs_dim, action_dim, saved_arrays, saved)
-    if not args.resume:  # every check has passed: only now does the run leave a trace (a resume: once restored)
-        run.open()
-    return run
+    parts = memory_parts(args, obs_dim, action_dim)
+    check_memory(parts)
+    if args.buffer_size > INT32_MAX:  # after the memory: few machines hold 2**31 transitions
+        raise ConfigError(f"--buffer-size must be at most {INT32_MAX} (int32 positions) (got {args.buffer_size})")
+    check_disk(args, run_dir, parts)
+    return Run(args, run_name, run_dir, obs_dim, action_dim, saved_arrays, saved)
 
 
 @dataclasses.dataclass
@@ -994,8 +1022,26 @@ class Run:
         self.preemption = STOP_SIGNAL  # {"signum": ...} once SIGTERM or SIGINT arrived
 
     def open(self) -> None:
-        """Leave the run's trace: its folder with args.json, and the event writer (a fresh run's first event: the
-        hyperparameters)."""
+        """Leave the run's trace, every check passed: W&B, its folder with args.json, and the event writer (a fresh
+        run's first event: the hyperparameters)."""
+        if self.args.track:  # before the writer: wandb syncs TensorBoard by patching the event-file writer it creates
+            import wandb
+
+            try:
+                wandb.init(
+                    project=self.args.wandb_project_name,
+                    entity=self.args.wandb_entity,
+                    sync_tensorboard=True,
+                    config=vars(self.args),
+                    name=self.name,
+                    save_code=True,  # no monitor_gym: wandb's hook fails on gymnasium 1.x's RecordVideo
+                )
+            except Exception as e:  # not logged in, no network, a bad entity ...
+                first_line = (str(e).strip().splitlines() or [""])[0]
+                raise ConfigError(
+                    f"--track: W&B could not start a run ({type(e).__name__}: {first_line}); `wandb login`, or "
+                    "WANDB_MODE=offline to log locally"
+                ) from None
         try:
             os.makedirs(self.dir, exist_ok=self.saved is not None)
             with open(os.path.join(self.dir, ARGS_FILE), "w") as f:
@@ -1078,19 +1124,19 @@ class Run:
     def checkpoint_if_due(
         self,
         step: int,
-        state: Callable[[], dict],
+        checkpoint_arrays: Callable[[], dict],
         eval_return: float,
         episodic_return: float,
         env: "EpisodeRecorder",
         eval_env: gym.Env,
     ) -> None:
         """Every --checkpoint-freq env steps, and after SIGTERM/SIGINT, write runs/{name}/checkpoint.npz: the arrays
-        of `state()` and the current episode's actions, and beside them as JSON what the host holds (the env step,
-        the training seconds, the generators). After a signal, raise Preempted: the run ends (exit 128 + signum);
-        at the last step it finishes instead (its model, if asked for, is all that is left)."""
+        of `checkpoint_arrays()` and the current episode's actions, and beside them as JSON what the host holds (the
+        env step, the training seconds, the generators). After a signal, raise Preempted: the run ends (exit 128 +
+        signum); at the last step it finishes instead (its model, if asked for, is all that is left)."""
         if not ((self.args.checkpoint_freq and step % self.args.checkpoint_freq == 0) or self.preemption):
             return
-        arrays = {**state(), "episode_actions": env.episode_actions()}
+        arrays = {**checkpoint_arrays(), "episode_actions": env.episode_actions()}
         check_finite(step, arrays["agent"], arrays["metrics"])  # never replace a good checkpoint with a poisoned state
         host_state = {
             "script": SCRIPT_NAME,
@@ -1213,24 +1259,9 @@ def check_args(args: Args) -> None:
         raise ConfigError(
             f"--exp-name must make a file name: no '/', not . or .., at most {limit} bytes (got {name!r})"
         )
-    positive = ["total_timesteps", "batch_size", "buffer_size", "critic_width", "actor_width"]
-    positive += ["utd", "policy_delay", "n_critics", "eval_episodes", "log_freq", "q_bias_samples", "q_bias_cutoff"]
-    for name in positive:
-        if getattr(args, name) <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
-    for name in ["learning_starts", "bn_warmup_steps", "eval_freq", "checkpoint_freq", "q_bias_freq"]:
-        if getattr(args, name) < 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must not be negative (got {getattr(args, name)})")
-    if not 0 <= args.seed <= SEED_MAX:
-        raise ConfigError(f"--seed must lie in [0, {SEED_MAX}], the seeds numpy accepts (got {args.seed})")
-    # The networks compute in float32: each float flag is checked as the float32 it becomes.
-    for name in ["policy_noise", "noise_clip", "exploration_noise"]:
-        if float32(getattr(args, name)) < 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must not be negative (got {getattr(args, name)})")
-        if not np.isfinite(float32(getattr(args, name))):
-            raise ConfigError(f"--{name.replace('_', '-')} must be finite (got {with_float32(getattr(args, name))})")
-    if args.tau is not None and not 0.0 < float32(args.tau) <= 1.0:
-        raise ConfigError(f"--tau must lie in (0, 1] when set (got {with_float32(args.tau)})")
+    for name in FLAG_RANGES:
+        if error := range_error(name, getattr(args, name)):
+            raise ConfigError(error)
     for name, choices in [("critic_activation", CRITIC_ACTIVATIONS), ("target_schedule", TARGET_SCHEDULES)]:
         if getattr(args, name) not in choices:
             flag = f"--{name.replace('_', '-')}"
@@ -1242,21 +1273,6 @@ def check_args(args: Args) -> None:
             f"--critic-activation glu halves each hidden layer's width: --critic-width must be even "
             f"(got {args.critic_width})"
         )
-    if not 0.0 < float32(args.bn_momentum) < 1.0:
-        raise ConfigError(f"--bn-momentum must lie in (0, 1) (got {with_float32(args.bn_momentum)})")
-    if not 0.0 <= float32(args.gamma) <= 1.0:
-        raise ConfigError(f"--gamma must lie in [0, 1] (got {with_float32(args.gamma)})")
-    if not 0.0 <= float32(args.adam_b1) < 1.0:
-        raise ConfigError(f"--adam-b1 must lie in [0, 1) (got {with_float32(args.adam_b1)})")
-    if not 0.0 < float32(args.learning_rate) < float("inf"):
-        raise ConfigError(f"--learning-rate must be positive and finite (got {with_float32(args.learning_rate)})")
-    # Env steps and update counts reach the jitted update as int32 (the BRN and Adam step counters too).
-    for name in ["total_timesteps", "bn_warmup_steps", "policy_delay", "utd"]:
-        if getattr(args, name) > INT32_MAX:
-            raise ConfigError(
-                f"--{name.replace('_', '-')} must be at most {INT32_MAX}, an int32 on the device "
-                f"(got {getattr(args, name)})"
-            )
     updates = args.utd * max(args.total_timesteps - args.learning_starts, 0)
     if updates > INT32_MAX:
         raise ConfigError(
@@ -1336,63 +1352,26 @@ def check_optional_dependencies(args: Args) -> None:
             os.environ.setdefault("MUJOCO_GL", "egl")
 
 
-DMC_PREFIX = "dm_control/"  # DeepMind Control Suite ids, as shimmy registers them (Appendix A.1 of the paper)
-
-
-def import_dm_control() -> None:
-    """Register the `dm_control/<domain>-<task>` ids (importing shimmy does), or say what to install."""
-    # dm_control picks its OpenGL backend once, on import. Training renders nothing: without a
-    # display, take headless EGL where its library exists and no backend otherwise, rather than
-    # GLFW, which wants a display. A MUJOCO_GL set by the user wins.
-    if "MUJOCO_GL" not in os.environ and not os.environ.get("DISPLAY"):
-        os.environ["MUJOCO_GL"] = "egl" if ctypes.util.find_library("EGL") else "disable"
-    try:
-        import dm_control.suite  # noqa: F401
-        import shimmy  # noqa: F401
-    except ImportError as e:
-        raise ConfigError(
-            f"DeepMind Control envs need shimmy and dm-control ({e}): pip install -r requirements-dmc.txt"
-        ) from None
-
-
-def mujoco_warning(message: str) -> None:
-    """MuJoCo's warnings as Python's (shown once each, filterable), instead of its own printing and appending to
-    MUJOCO_LOG.TXT in the working folder. MuJoCo 4 warns that the v4 envs' models use `settotalmass`, which it
-    deprecates: that one, the paper's envs' own, is dropped."""
-    if "settotalmass" not in message:
-        warnings.warn(f"MuJoCo: {message.strip()}", RuntimeWarning, stacklevel=2)
-
-
-def gym_make(env_id: str, **kwargs) -> gym.Env:
-    if env_id.startswith(DMC_PREFIX):
-        import_dm_control()
-    with contextlib.suppress(ImportError):  # MuJoCo envs: before their models compile
-        import mujoco
-
-        mujoco.set_mju_user_warning(mujoco_warning)
-    with warnings.catch_warnings():
-        # The paper's results are on the v4 MuJoCo envs, which gymnasium 1.x calls out of date at every make.
-        warnings.filterwarnings("ignore", message=".*is out of date", category=DeprecationWarning)
-        env = gym.make(env_id, **kwargs)
-    space = env.observation_space
-    if not (isinstance(space, gym.spaces.Box) and len(space.shape) == 1):
-        # The networks take one vector. DeepMind Control observes a dict of arrays: each entry flattened (a scalar
-        # gives one number), in the Dict space's key order, which gymnasium sorts alphabetically (as the authors'
-        # SB3 MultiInputPolicy concatenates them); an image or matrix Box is raveled.
-        try:
-            env = gym.wrappers.FlattenObservation(env)
-        except Exception:  # a space gymnasium cannot flatten (a custom one)
-            env = None
-        flat = env is not None and isinstance(env.observation_space, gym.spaces.Box)  # a Graph flattens to a Graph
-        if not flat or len(env.observation_space.shape) != 1:
-            raise ConfigError(f"{env_id} has observations of {space}, which do not flatten into a vector")
-    return env
-
-
-# Ranges and memory: what a run needs, worked out from its flags before anything is allocated or compiled
-INT32_MAX = 2**31 - 1  # env steps, update counters and buffer positions are int32 on the device
-SEED_MAX = 2**32 - 1  # np.random.seed's limit; gymnasium and JAX take more (the eval env gets seed + 10_000)
-FLOAT32_BYTES = 4
+# Ranges and memory: what a run needs, from its flags, the shapes JAX derives and the programs XLA compiles
+INT32_MAX = 2**31 - 1  # env steps, update counters, buffer positions and array sizes are int32 on the device
+# The range of each number flag: (lowest, highest, whether the lowest is allowed, whether the highest is). Floats are
+# checked as the float32 they become on the device (1e-50 is 0 there, 1e39 inf); check_args adds the rules that
+# tie flags together.
+POSITIVE, NOT_NEGATIVE = (0, INT32_MAX, False, True), (0, INT32_MAX, True, True)
+FLAG_RANGES = {
+    **dict.fromkeys(["total_timesteps", "batch_size", "critic_width", "actor_width", "utd", "policy_delay"], POSITIVE),
+    **dict.fromkeys(["n_critics", "eval_episodes", "log_freq", "q_bias_samples", "q_bias_cutoff"], POSITIVE),
+    **dict.fromkeys(["learning_starts", "bn_warmup_steps", "eval_freq", "checkpoint_freq"], NOT_NEGATIVE),
+    "q_bias_freq": NOT_NEGATIVE,
+    "buffer_size": (0, float("inf"), False, True),  # its int32 limit comes after the memory check: see check_memory
+    "seed": (0, 2**32 - 1, True, True),  # np.random.seed's limit (the eval env gets seed + 10_000)
+    "gamma": (0.0, 1.0, True, True),
+    "learning_rate": (0.0, float("inf"), False, False),
+    "adam_b1": (0.0, 1.0, True, False),  # 1 would divide Adam's bias correction by zero
+    "bn_momentum": (0.0, 1.0, False, False),
+    **dict.fromkeys(["policy_noise", "noise_clip", "exploration_noise"], (0.0, float("inf"), True, False)),
+    "tau": (0.0, 1.0, False, True),  # when set (None: no target networks)
+}
 
 
 def float32(value: float) -> float:
@@ -1408,6 +1387,25 @@ def with_float32(value: float) -> str:
     return f"{value}, {rounded} in float32" if rounded != value and rounded in limits else f"{value}"
 
 
+def range_error(name: str, value: float | None) -> str | None:
+    """What is wrong with flag `name`'s `value` by FLAG_RANGES, in words; None if it lies in its range."""
+    if value is None:  # an optional flag left unset (--tau: no target networks)
+        return None
+    low, high, low_allowed, high_allowed = FLAG_RANGES[name]
+    x = value if isinstance(value, int) else float32(value)
+    if (low < x or (low_allowed and x == low)) and (x < high or (high_allowed and x == high)):
+        return None
+    if high == INT32_MAX and x > high:
+        rule = f"must be at most {INT32_MAX}, an int32 on the device"
+    elif low == 0 and high in (INT32_MAX, float("inf")):
+        rule = "must not be negative" if low_allowed else "must be positive"
+        rule += "" if isinstance(value, int) else (" and must be finite" if low_allowed else " and finite")
+    else:
+        number = lambda end: f"{end:g}" if isinstance(end, float) else f"{end}"
+        rule = f"must lie in {'[('[not low_allowed]}{number(low)}, {number(high)}{'])'[not high_allowed]}"
+    return f"--{name.replace('_', '-')} {rule} (got {with_float32(value)})"
+
+
 class MemoryPart(NamedTuple):
     what: str  # "the replay buffer"
     flags: str  # the flags that size it, as typed
@@ -1415,64 +1413,49 @@ class MemoryPart(NamedTuple):
     host: int  # bytes of its host copy in a checkpoint (SIGTERM writes one whatever --checkpoint-freq says)
 
 
-def mlp_sizes(n_in: int, width: int, features: int, n_out: int, normalised: bool, layer_norms: int) -> tuple[int, int]:
-    """(parameters, running statistics) of n_in -> norm -> [Dense(width) -> act -> norm] x 2 -> Dense(n_out),
-    where the activation leaves `features` of the `width` (glu: half) and has `layer_norms` LayerNorms
-    (layernormed_relu's) of `width`."""
-    dense = (n_in + 1) * width + (features + 1) * width + (features + 1) * n_out + 2 * 2 * layer_norms * width
-    normalised_features = n_in + 2 * features if normalised else 0  # the input's norm layer and one per hidden layer
-    stats = 2 * normalised_features + (3 if normalised else 0)  # mean and var; a step counter per norm layer
-    return dense + 2 * normalised_features, stats  # the norm layers' scale and bias are parameters
+def nbytes(tree: Any) -> int:
+    return sum(int(np.prod(leaf.shape)) * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree))
 
 
-def memory_estimate(args: Args, obs_dim: int, action_dim: int) -> list[MemoryPart]:
-    """The bytes of a run's large parts, from the flags alone (Python ints: no overflow at any size).
-
-    - The replay buffer: obs, actions, rewards, next_obs and terminations, float32, `buffer_size` rows.
-    - Each network: its parameters, their gradients and Adam's two moments (4 x the parameters), and
-      the running statistics; a checkpoint holds all but the gradients. The TD3 baseline's target
-      actor and critics (`--tau`): a copy of each network's parameters.
-    - One update: XLA keeps about 5 arrays of rows x width per hidden layer and critic for the backward
-      pass (4.3 measured with `jax.jit(train_step).lower(...).compile().memory_analysis()` on a CPU for
-      widths 256-2048 and batches 256-1024; 2.5 for the TD3 baseline) over 2 x batch rows (the joint
-      pass; the baseline's online and target passes). The actor's update
-      runs after the critic's and reuses those buffers, so the larger of the two counts. At UTD > 1 the
-      scan adds its keys and a copy of the critics' parameters in its carry.
-    - With --q-bias-freq: the critics' pass over --q-bias-samples states at once (eval mode, no gradients).
-    Not counted: the Python process, JAX and the compiler (a few hundred MiB), the envs.
-    """
-    n, width, actor_width, batch = args.n_critics, args.critic_width, args.actor_width, args.batch_size
-    features = width // 2 if args.critic_activation == "glu" else width
-    layer_norms = int(args.critic_activation == "layernormed_relu")
-    normalised = args.bn_mode != "none"
-    critic_params, critic_stats = mlp_sizes(obs_dim + action_dim, width, features, 1, normalised, layer_norms)
-    critic_params, critic_stats = n * critic_params, n * critic_stats
-    actor_normalised = normalised and args.actor_bn
-    actor_params, actor_stats = mlp_sizes(obs_dim, actor_width, actor_width, action_dim, actor_normalised, 0)
-    targets = 0 if args.tau is None else 1  # TD3 baseline: a target copy of each network's parameters
-    buffer = args.buffer_size * (2 * obs_dim + action_dim + 2)
-    critic_pass = 2 * batch * width * 2 * n  # rows x width x hidden layers x critics
-    actor_pass = batch * (width * 2 * n + actor_width * 2)  # the critics' pass on pi(s) included
-    update = 5 * max(critic_pass, actor_pass) + (critic_params if args.utd > 1 else 0)
-    q_bias = args.q_bias_samples * (2 * width * 2 * n + obs_dim + action_dim) if args.q_bias_freq else 0
-    bytes_ = FLOAT32_BYTES
-    return [
-        MemoryPart("the replay buffer", f"--buffer-size {args.buffer_size}", buffer * bytes_, buffer * bytes_),
-        MemoryPart(
-            "the critics and their optimizer state",
-            f"--critic-width {width} with --n-critics {n}",
-            ((4 + targets) * critic_params + critic_stats) * bytes_,
-            ((3 + targets) * critic_params + critic_stats) * bytes_,
-        ),
-        MemoryPart(
-            "the actor and its optimizer state",
-            f"--actor-width {actor_width}",
-            ((4 + targets) * actor_params + actor_stats) * bytes_,
-            ((3 + targets) * actor_params + actor_stats) * bytes_,
-        ),
-        MemoryPart("the activations of one update", f"--batch-size {batch}", update * bytes_ + 12 * args.utd, 0),
-        MemoryPart("a Q-bias measurement", f"--q-bias-samples {args.q_bias_samples}", q_bias * bytes_, 0),
+def memory_parts(
+    args: Args, obs_dim: int, action_dim: int, agent: AgentState | None = None, train_step: Callable | None = None
+) -> list[MemoryPart]:
+    """The bytes of a run's large parts. The buffer and the networks (parameters, Adam's moments, running statistics,
+    target networks) from the shapes of what `ReplayBuffer.create` and `create_agent` return (`jax.eval_shape`:
+    nothing is allocated), on the device and again in a checkpoint's host copy. Given the `agent` and the jitted
+    `train_step`, also the working memory (`memory_analysis()`) of the programs XLA compiles for them: each actor-update
+    pattern of train_step (the activations and gradients of the step's updates), and a Q-bias pass. They are compiled
+    here once, on an abstract buffer, and the run's calls reuse them (JAX caches a program by its arguments' shapes)."""
+    abstract_agent = jax.eval_shape(functools.partial(create_agent, args, obs_dim, action_dim), jax.random.PRNGKey(0))
+    buffer = jax.eval_shape(functools.partial(ReplayBuffer.create, args.buffer_size, obs_dim, action_dim))
+    critics = nbytes((abstract_agent.critic, getattr(abstract_agent, "targets", None)))
+    actor = nbytes(abstract_agent) - critics
+    width = f"--critic-width {args.critic_width} with --n-critics {args.n_critics}"
+    parts = [
+        MemoryPart("the replay buffer", f"--buffer-size {args.buffer_size}", nbytes(buffer), nbytes(buffer)),
+        MemoryPart("the critics and their optimizer state", width, critics, critics),
+        MemoryPart("the actor and its optimizer state", f"--actor-width {args.actor_width}", actor, actor),
     ]
+    if train_step is None:
+        return parts
+
+    def working_memory(lowered: jax.stages.Lowered) -> int:
+        stats = lowered.compile().memory_analysis()
+        return stats.temp_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+
+    keys = jax.eval_shape(lambda: dict.fromkeys(["update", "explore"], jax.random.PRNGKey(0)))
+    obs = jax.ShapeDtypeStruct((1, obs_dim), jnp.float32)
+    step_inputs = (agent, jax.eval_shape(Metrics.initial), buffer, keys, obs)
+    first, last = args.learning_starts + 1, min(args.total_timesteps, args.learning_starts + args.policy_delay)
+    patterns = dict.fromkeys(actor_update_pattern(args, step) for step in range(first, last + 1))  # they repeat
+    # actor_updates positionally, as train() passes it: JAX's cache tells a positional argument from a keyword one.
+    update = max([working_memory(train_step.lower(*step_inputs, p)) for p in patterns], default=0)
+    parts.append(MemoryPart("the activations of one update", f"--batch-size {args.batch_size}", update, 0))
+    if args.q_bias_freq:
+        states = [jax.ShapeDtypeStruct((args.q_bias_samples, n), jnp.float32) for n in (obs_dim, action_dim)]
+        q_bias_pass = working_memory(critic_mean_q.lower(agent.critic, *states))
+        parts.append(MemoryPart("a Q-bias measurement", f"--q-bias-samples {args.q_bias_samples}", q_bias_pass, 0))
+    return parts
 
 
 def format_bytes(n: int) -> str:
@@ -1498,10 +1481,9 @@ def host_memory() -> tuple[int, int] | None:
         return None
 
 
-def check_memory(args: Args, obs_dim: int, action_dim: int) -> None:
-    """Refuse a run that cannot fit where its arrays will live: the RAM on a CPU; on a GPU, the memory
-    JAX may use there (`bytes_limit`) and the RAM for a checkpoint's host copies. Nothing is allocated."""
-    parts = memory_estimate(args, obs_dim, action_dim)
+def check_memory(parts: list[MemoryPart]) -> None:
+    """Refuse a run whose `parts` cannot fit where they will live, naming the largest: the RAM on a CPU; on a GPU, the
+    memory JAX may use there (`bytes_limit`) and the RAM for a checkpoint's host copies."""
     device, ram = jax.devices()[0], host_memory()
     ram_text = "" if ram is None else f"{format_bytes(ram[0])} of RAM (available {format_bytes(ram[1])})"
     budgets = []  # (bytes available, where, [(part, bytes it needs there)])
@@ -1526,8 +1508,6 @@ def check_memory(args: Args, obs_dim: int, action_dim: int) -> None:
             raise ConfigError(
                 f"{part.flags} needs ~{format_bytes(need)} for {part.what} (~{format_bytes(total)} in all); {where}"
             )
-    if args.buffer_size > INT32_MAX:  # after the memory: few machines hold 2**31 transitions
-        raise ConfigError(f"--buffer-size must be at most {INT32_MAX} (int32 positions) (got {args.buffer_size})")
 
 
 def existing_parent(path: str) -> str:
@@ -1538,10 +1518,9 @@ def existing_parent(path: str) -> str:
     return path
 
 
-def check_disk(args: Args, run_dir: str, obs_dim: int, action_dim: int) -> None:
+def check_disk(args: Args, run_dir: str, parts: list[MemoryPart]) -> None:
     """Room for what the run will write: with --checkpoint-freq a full checkpoint twice (the previous one stays
     until the next is written), with --save-model the networks (bounded by their part of a checkpoint)."""
-    parts = memory_estimate(args, obs_dim, action_dim)
     checkpoint, networks = sum(part.host for part in parts), sum(part.host for part in parts[1:])
     needed = (2 * checkpoint if args.checkpoint_freq else 0) + (networks if args.save_model else 0)
     free = shutil.disk_usage(existing_parent(run_dir)).free
@@ -1644,6 +1623,21 @@ def write_atomically(path: str, write: Callable[[Any], Any], what: str) -> None:
         with contextlib.suppress(OSError):
             os.remove(tmp_path)
         raise ConfigError(f"cannot write {what} {path}: {e.strerror}") from None
+
+
+def filled_part(buffer: ReplayBuffer) -> ReplayBuffer:
+    """The rows that hold data: what a checkpoint stores."""
+    n = int(buffer.size)
+    return buffer._replace(**{name: getattr(buffer, name)[:n] for name in Transition._fields})
+
+
+def refill(buffer: ReplayBuffer, stored: ReplayBuffer) -> ReplayBuffer:
+    """The empty `buffer` with a checkpoint's filled part, position and size put back."""
+    rows = {
+        name: getattr(buffer, name).at[: len(getattr(stored, name))].set(getattr(stored, name))
+        for name in Transition._fields
+    }
+    return buffer._replace(**rows, position=jnp.asarray(stored.position), size=jnp.asarray(stored.size))
 
 
 def write_checkpoint(path: str, device_state: dict, host_state: dict) -> None:
@@ -1871,8 +1865,8 @@ def evaluate_model(args: Args) -> dict:
     """--eval-model: `--eval-episodes` episodes of the saved deterministic policy; prints their mean and std."""
     if args.eval_episodes <= 0:
         raise ConfigError(f"--eval-episodes must be positive (got {args.eval_episodes})")
-    if not 0 <= args.seed <= SEED_MAX:
-        raise ConfigError(f"--seed must lie in [0, {SEED_MAX}], the seeds numpy accepts (got {args.seed})")
+    if error := range_error("seed", args.seed):
+        raise ConfigError(error)
     check_backend()
     check_optional_dependencies(dataclasses.replace(args, track=False))  # first: it may pick MuJoCo's renderer
     saved_args, saved_actor, run_name = read_saved_model(args.eval_model)

@@ -121,7 +121,7 @@ def test_target_action_uses_the_noise_flags_and_the_actor_in_eval_mode(noise_cal
 def test_exploration_noise_is_per_dimension():
     agent = m.create_agent(tiny_args(), OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
     obs = 0.3 * jax.random.normal(jax.random.PRNGKey(1), (5000, OBS_DIM))
-    clean = np.asarray(m.act(agent.actor, obs))
+    clean = np.asarray(m.deterministic_action(agent.actor, obs))
     noisy = m.explore(agent.actor, obs, jax.random.PRNGKey(2), 0.1)
     noise = np.asarray(noisy) - clean
     assert np.abs(clean).max() < 0.8  # so that the [-1, 1] clip (2 sigma away or more) hardly ever binds
