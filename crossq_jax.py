@@ -1293,7 +1293,7 @@ def check_args(args: Args) -> None:
 
 
 def check_env(env_id: str, render: bool = False) -> tuple[int, int]:
-    """Fail fast on an env CrossQ cannot drive: unknown id, discrete actions, non-vector observations.
+    """Fail fast on an env the agent cannot drive: unknown id, discrete actions, non-vector observations.
     With `render` (--capture-video), render a frame too: a machine that cannot record says so now.
     Returns the sizes of its observations and actions."""
     try:
@@ -1325,14 +1325,14 @@ def check_env(env_id: str, render: bool = False) -> tuple[int, int]:
     env.close()
     if not isinstance(action_space, gym.spaces.Box):
         raise ConfigError(
-            f"{env_id} has a {type(action_space).__name__} action space; CrossQ needs a continuous Box action space"
+            f"{env_id} has a {type(action_space).__name__} action space; the agent needs a continuous Box action space"
         )
     if len(action_space.shape) != 1 or action_space.shape[0] == 0:
-        raise ConfigError(f"{env_id} has actions of shape {action_space.shape}; CrossQ needs a vector of them")
+        raise ConfigError(f"{env_id} has actions of shape {action_space.shape}; the agent needs a vector of them")
     if not np.all(np.isfinite(action_space.low)) or not np.all(np.isfinite(action_space.high)):
-        raise ConfigError(f"{env_id} has an unbounded action space; CrossQ needs finite action bounds")
+        raise ConfigError(f"{env_id} has an unbounded action space; the agent needs finite action bounds")
     if not np.all(action_space.low < action_space.high):
-        raise ConfigError(f"{env_id} has action bounds with low >= high; CrossQ needs low < high")
+        raise ConfigError(f"{env_id} has action bounds with low >= high; the agent needs low < high")
     if observation_space.shape[0] == 0:
         raise ConfigError(f"{env_id} has empty observations (shape {observation_space.shape})")
     return observation_space.shape[0], action_space.shape[0]
@@ -1433,7 +1433,7 @@ def memory_parts(
     width = f"--critic-width {args.critic_width} with --n-critics {args.n_critics}"
     parts = [
         MemoryPart("the replay buffer", f"--buffer-size {args.buffer_size}", nbytes(buffer), nbytes(buffer)),
-        MemoryPart("the critics and their optimizer state", width, critics, critics),
+        MemoryPart("the critics (targets included) and their optimizer state", width, critics, critics),
         MemoryPart("the actor and its optimizer state", f"--actor-width {args.actor_width}", actor, actor),
     ]
     if train_step is None:
@@ -1643,6 +1643,7 @@ def refill(buffer: ReplayBuffer, stored: ReplayBuffer) -> ReplayBuffer:
 def write_checkpoint(path: str, device_state: dict, host_state: dict) -> None:
     """Write arrays and host state to `path` atomically (a kill mid-write leaves the previous checkpoint)."""
     arrays = flax.traverse_util.flatten_dict(flax.serialization.to_state_dict(jax.device_get(device_state)), sep="/")
+    arrays = {path: x for path, x in arrays.items() if x is not None}  # absent target networks: nothing to store
     meta = np.frombuffer(json.dumps(host_state, default=np.ndarray.tolist).encode(), np.uint8)
     write_atomically(path, lambda f: np.savez(f, __host_state__=meta, **arrays), "checkpoint")
 
@@ -1721,11 +1722,12 @@ def of_type(value: Any, hint: Any) -> bool:
 def restore(template: Any, arrays: dict) -> Any:
     """`template` (a pytree of the right structure) with its leaves taken from a checkpoint's arrays."""
     flat = flax.traverse_util.flatten_dict(flax.serialization.to_state_dict(template), sep="/", keep_empty_nodes=True)
-    missing = [path for path, leaf in flat.items() if leaf is not flax.traverse_util.empty_node and path not in arrays]
+    absent = lambda leaf: leaf is None or leaf is flax.traverse_util.empty_node  # None: no target networks
+    missing = [path for path, leaf in flat.items() if not absent(leaf) and path not in arrays]
     if missing:
         raise ConfigError(f"the checkpoint lacks {missing[0]}")
     for path, leaf in flat.items():  # each array as the network it fills: its dtype and shape
-        if leaf is flax.traverse_util.empty_node:
+        if absent(leaf):
             continue
         got, expected, kind = (
             np.asarray(arrays[path]),

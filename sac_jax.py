@@ -26,7 +26,7 @@ import time
 import types
 import typing
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Annotated, Any, Literal, NamedTuple
 
 import flax
@@ -384,20 +384,11 @@ class Critic(nn.Module):
         return nn.Dense(1)(x).squeeze(-1)
 
 
-class CriticEnsemble(nn.Module):
-    """`n_critics` independent critics evaluated in one vectorised call; returns (n_critics, batch).
-
-    Each member gets its own parameters, running statistics and dropout masks.
-    """
+class CriticEnsemble(Critic):
+    """`n_critics` independent critics, each a Critic with these settings, evaluated in one vectorised call; returns
+    (n_critics, batch). Each member gets its own parameters, running statistics and dropout masks."""
 
     n_critics: int = 2
-    width: int = 256
-    activation: str = "relu"
-    layer_norm: bool = False
-    dropout_rate: float = 0.0
-    bn_mode: str = "none"
-    bn_momentum: float = 0.99
-    bn_warmup_steps: int = 100_000
 
     @nn.compact
     def __call__(self, obs: jax.Array, actions: jax.Array, train: bool, use_running_average: bool = True) -> jax.Array:
@@ -575,10 +566,10 @@ def create_agent(args: Args, obs_dim: int, action_dim: int, key: jax.Array) -> A
         "dropout_rate": args.dropout_rate,
         **norm,
     }
-    critic = CriticEnsemble(args.n_critics, **critic_kwargs)
+    critic = CriticEnsemble(**critic_kwargs, n_critics=args.n_critics)
     # The target pass evaluates only the M target critics it draws: an M-member ensemble applied
     # to the gathered parameters of the subset (REDQ: 2 forward passes instead of 10).
-    target_critic = CriticEnsemble(args.target_subset_size, **critic_kwargs)
+    target_critic = CriticEnsemble(**critic_kwargs, n_critics=args.target_subset_size)
     own_stats = args.target_network and args.bn_mode != "none" and args.target_bn_stats == "polyak"
     actor_key, critic_key = jax.random.split(key)
     obs, actions = jnp.zeros((1, obs_dim)), jnp.zeros((1, action_dim))
@@ -1477,7 +1468,7 @@ def check_args(args: Args) -> None:
 
 
 def check_env(env_id: str, render: bool = False) -> tuple[int, int]:
-    """Fail fast on an env SAC cannot drive: unknown id, discrete actions, non-vector observations.
+    """Fail fast on an env the agent cannot drive: unknown id, discrete actions, non-vector observations.
     With `render` (--capture-video), render a frame too: a machine that cannot record says so now.
     Returns the sizes of its observations and actions."""
     try:
@@ -1509,14 +1500,14 @@ def check_env(env_id: str, render: bool = False) -> tuple[int, int]:
     env.close()
     if not isinstance(action_space, gym.spaces.Box):
         raise ConfigError(
-            f"{env_id} has a {type(action_space).__name__} action space; SAC needs a continuous Box action space"
+            f"{env_id} has a {type(action_space).__name__} action space; the agent needs a continuous Box action space"
         )
     if len(action_space.shape) != 1 or action_space.shape[0] == 0:
-        raise ConfigError(f"{env_id} has actions of shape {action_space.shape}; SAC needs a vector of them")
+        raise ConfigError(f"{env_id} has actions of shape {action_space.shape}; the agent needs a vector of them")
     if not np.all(np.isfinite(action_space.low)) or not np.all(np.isfinite(action_space.high)):
-        raise ConfigError(f"{env_id} has an unbounded action space; SAC needs finite action bounds")
+        raise ConfigError(f"{env_id} has an unbounded action space; the agent needs finite action bounds")
     if not np.all(action_space.low < action_space.high):
-        raise ConfigError(f"{env_id} has action bounds with low >= high; SAC needs low < high")
+        raise ConfigError(f"{env_id} has action bounds with low >= high; the agent needs low < high")
     if observation_space.shape[0] == 0:
         raise ConfigError(f"{env_id} has empty observations (shape {observation_space.shape})")
     return observation_space.shape[0], action_space.shape[0]
@@ -1619,7 +1610,7 @@ def memory_parts(
     width = f"--critic-width {args.critic_width} with --n-critics {args.n_critics}"
     parts = [
         MemoryPart("the replay buffer", f"--buffer-size {args.buffer_size}", nbytes(buffer), nbytes(buffer)),
-        MemoryPart("the critics, their targets and optimizer state", width, critics, critics),
+        MemoryPart("the critics (targets included) and their optimizer state", width, critics, critics),
         MemoryPart("the actor and its optimizer state", f"--actor-width {args.actor_width}", actor, actor),
     ]
     if train_step is None:
@@ -1829,7 +1820,7 @@ def refill(buffer: ReplayBuffer, stored: ReplayBuffer) -> ReplayBuffer:
 def write_checkpoint(path: str, device_state: dict, host_state: dict) -> None:
     """Write arrays and host state to `path` atomically (a kill mid-write leaves the previous checkpoint)."""
     arrays = flax.traverse_util.flatten_dict(flax.serialization.to_state_dict(jax.device_get(device_state)), sep="/")
-    arrays = {path: x for path, x in arrays.items() if x is not None}  # -TN's absent targets: nothing to store
+    arrays = {path: x for path, x in arrays.items() if x is not None}  # absent target networks: nothing to store
     meta = np.frombuffer(json.dumps(host_state, default=np.ndarray.tolist).encode(), np.uint8)
     write_atomically(path, lambda f: np.savez(f, __host_state__=meta, **arrays), "checkpoint")
 
@@ -1908,7 +1899,7 @@ def of_type(value: Any, hint: Any) -> bool:
 def restore(template: Any, arrays: dict) -> Any:
     """`template` (a pytree of the right structure) with its leaves taken from a checkpoint's arrays."""
     flat = flax.traverse_util.flatten_dict(flax.serialization.to_state_dict(template), sep="/", keep_empty_nodes=True)
-    absent = lambda leaf: leaf is None or leaf is flax.traverse_util.empty_node  # (None: -TN has no targets)
+    absent = lambda leaf: leaf is None or leaf is flax.traverse_util.empty_node  # None: no target networks
     missing = [path for path, leaf in flat.items() if not absent(leaf) and path not in arrays]
     if missing:
         raise ConfigError(f"the checkpoint lacks {missing[0]}")
@@ -1992,7 +1983,7 @@ def catch_signals() -> Callable[[], None]:
 EVAL_FLAGS = {"eval_model", "eval_episodes", "seed", "capture_video"}  # what applies to --eval-model
 
 
-def check_eval_flags(given: set[str], preset: str | None = None) -> None:
+def check_eval_flags(given: set[str], preset: str | None) -> None:
     """--eval-model uses the saved run's networks and env: a training flag beside it, whatever its value, or a
     preset word, is a mistake, said so."""
     if preset:
@@ -2090,8 +2081,8 @@ def evaluate_model(args: Args) -> dict:
 
 
 # MACHINERY: the command line
-# The hyperparameters in which the presets differ (exp_name aside: it only names the run). With
-# --resume, a preset word stands for these values and must agree with the checkpoint.
+# The hyperparameters in which the presets differ (exp_name aside: it only names the run). With --resume, a preset
+# word stands for these values and must agree with the checkpoint.
 PRESET_FIELDS = [
     field.name
     for field in dataclasses.fields(Args)
@@ -2099,28 +2090,23 @@ PRESET_FIELDS = [
 ]
 
 
-def parse_args(argv: Sequence[str] | None = None) -> Args:
-    """`[PRESET] [--flag value ...]`: an optional preset word picks the defaults, every flag overrides them.
-
-    With --resume, flags not given take the checkpoint's values, so a REDQ run resumes as REDQ
-    without the word. A preset word given with --resume stands for its values of PRESET_FIELDS,
-    as on the command line that started the run, and must agree with the checkpoint.
-    """
+def parse_args(argv: list[str] | None = None) -> Args:
+    """`[PRESET] [--flag value ...]`: an optional preset word picks the defaults (the first of PRESETS when left out),
+    every flag overrides them. With --resume, flags not given take the checkpoint's values, so a run resumes with its
+    preset without the word; a word given with --resume stands for its values of PRESET_FIELDS, as on the command line
+    that started the run, and must agree with the checkpoint."""
     argv = list(sys.argv[1:] if argv is None else argv)
     word = argv.pop(0) if argv and argv[0] in PRESETS else None
-    preset = word or "sac"
-    script = os.path.basename(__file__)
-
-    def parse(defaults: Args) -> Args:
-        return cli(
-            argv,
-            default=defaults,
-            prog=f"{script} {preset}" if preset != "sac" else script,
-            description=f"{PRESETS[preset][0]}.\n\nPresets, chosen by the first word: sac (when left out), redq, "
-            f"droq. Every flag overrides the preset's value; `{script} redq --help` lists REDQ's values. "
-            f"`{script} --resume RUN_DIR` continues a run with its own hyperparameters, preset included.",
-        )
-
+    default_word, script = next(iter(PRESETS)), os.path.basename(__file__)
+    preset = word or default_word
+    description = (
+        f"{PRESETS[preset][0]}.\n\nPresets, chosen by the first word: {default_word} (when left out), "
+        f"{', '.join(list(PRESETS)[1:])}. Every flag overrides the preset's value; `{script} WORD --help` lists its "
+        f"values. `{script} --resume RUN_DIR` continues a run with its own hyperparameters, preset included."
+    )
+    parse = lambda defaults: cli(
+        argv, default=defaults, prog=f"{script} {word}" if word else script, description=description
+    )
     args = parse(PRESETS[preset][1])
     if args.eval_model:
         check_eval_flags(given_flags(argv), word)

@@ -313,7 +313,7 @@ def test_nonsensical_hyperparameters_are_rejected(preset, flags, message):
 
 @pytest.mark.parametrize(
     "env_id,message",
-    [("CartPole-v1", "SAC needs a continuous Box action space"), ("NoSuchEnv-v0", "cannot make env 'NoSuchEnv-v0'")],
+    [("CartPole-v1", "the agent needs a continuous Box action space"), ("NoSuchEnv-v0", "cannot make env 'NoSuchEnv-v0'")],
 )
 def test_unusable_envs_are_rejected(env_id, message):
     with pytest.raises(sac.ConfigError) as error:
