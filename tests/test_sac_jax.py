@@ -8,31 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import learning_steps, read_scalars, run_dirs, train_steps
+from conftest import ACTION_DIM, OBS_DIM, filled_buffer, learning_steps, read_scalars, run_dirs, small_args, train_steps
 
 import sac_jax as sac
-
-OBS_DIM, ACTION_DIM = 3, 2
-
-
-def small_args(preset: str = "sac", **overrides) -> sac.Args:
-    defaults = {"critic_width": 16, "actor_width": 16, "batch_size": 8, "learning_starts": 8, "buffer_size": 64}
-    return dataclasses.replace(sac.PRESETS[preset][1], **{**defaults, **overrides})
-
-
-def filled_buffer(args: sac.Args, n: int = 16, seed: int = 0) -> sac.ReplayBuffer:
-    rng = np.random.default_rng(seed)
-    buffer = sac.ReplayBuffer.create(args.buffer_size, OBS_DIM, ACTION_DIM)
-    for i in range(n):
-        transition = sac.Transition(
-            jnp.asarray(rng.normal(size=OBS_DIM), jnp.float32),
-            jnp.asarray(rng.uniform(-1, 1, ACTION_DIM), jnp.float32),
-            jnp.float32(rng.normal()),
-            jnp.asarray(rng.normal(size=OBS_DIM), jnp.float32),
-            jnp.float32(i % 5 == 0),
-        )
-        buffer = sac.buffer_add(buffer, transition)
-    return buffer
 
 
 def trees_equal(a, b) -> bool:
@@ -58,8 +36,8 @@ def test_polyak_update_is_the_convex_combination(tau):
 
 def test_target_critics_start_as_a_copy_and_trail_each_update_by_tau():
     tau = 0.3
-    args = small_args(tau=tau)
-    buffer = filled_buffer(args)
+    args = small_args(sac, tau=tau)
+    buffer = filled_buffer(sac, args, terminal_every=5)
     agent = sac.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
     assert trees_equal(agent.critic.params, agent.critic.target_params)
     target_before = jax.tree.map(np.asarray, agent.critic.target_params)
@@ -72,21 +50,21 @@ def test_target_critics_start_as_a_copy_and_trail_each_update_by_tau():
 
 
 def test_with_tau_one_the_target_equals_the_critic_after_the_last_of_several_updates():
-    args = small_args(tau=1.0, utd=3)
+    args = small_args(sac, tau=1.0, utd=3)
     agent = sac.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
-    agent, _ = train_steps(sac, args, agent, filled_buffer(args))
+    agent, _ = train_steps(sac, args, agent, filled_buffer(sac, args, terminal_every=5))
     assert int(agent.critic.step) == 3
     assert trees_equal(agent.critic.target_params, agent.critic.params)
 
 
 def test_td_target_bootstraps_from_the_target_critics_on_next_states():
     """Zero the target critics' output layer: y must become r - gamma * (1 - done) * alpha * log pi(a'|s')."""
-    args = small_args()
+    args = small_args(sac)
     agent = sac.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
     zeroed = flax.traverse_util.flatten_dict(agent.critic.target_params)
     zeroed = {k: (jnp.zeros_like(v) if "Dense_2" in k else v) for k, v in zeroed.items()}
     agent = agent._replace(critic=agent.critic.replace(target_params=flax.traverse_util.unflatten_dict(zeroed)))
-    batch = sac.buffer_sample(filled_buffer(args), jax.random.PRNGKey(2), args.batch_size)
+    batch = sac.buffer_sample(filled_buffer(sac, args, terminal_every=5), jax.random.PRNGKey(2), args.batch_size)
     key = jax.random.PRNGKey(3)
     y = sac.td_target(agent, batch, key, args.gamma, args.target_subset_size)
 
@@ -106,7 +84,7 @@ def test_td_target_bootstraps_from_the_target_critics_on_next_states():
 
 
 def test_redq_target_is_the_min_over_a_random_subset_of_target_critics():
-    args = small_args("redq")
+    args = small_args(sac, "redq")
     assert (args.n_critics, args.target_subset_size) == (10, 2)
     agent = sac.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
     rng = np.random.default_rng(1)
@@ -131,7 +109,7 @@ def test_redq_target_is_the_min_over_a_random_subset_of_target_critics():
 
 
 def test_sac_target_takes_the_min_over_both_target_critics():
-    args = small_args()
+    args = small_args(sac)
     agent = sac.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
     obs, actions = jnp.ones((4, OBS_DIM)), jnp.zeros((4, ACTION_DIM))
     q_all = agent.critic.apply_fn({"params": agent.critic.target_params}, obs, actions, train=False)
@@ -142,7 +120,7 @@ def test_sac_target_takes_the_min_over_both_target_critics():
 
 def test_redq_actor_loss_uses_the_mean_and_sac_the_min_over_all_critics():
     for preset, reduce in [("sac", np.min), ("redq", np.mean)]:
-        args = small_args(preset)
+        args = small_args(sac, preset)
         agent = sac.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
         obs = jnp.asarray(np.random.default_rng(0).normal(size=(8, OBS_DIM)), jnp.float32)
         key = jax.random.PRNGKey(3)
@@ -159,9 +137,9 @@ def test_redq_actor_loss_uses_the_mean_and_sac_the_min_over_all_critics():
 
 
 def droq_setup(preset: str):
-    args = small_args(preset, critic_width=64, batch_size=32)
+    args = small_args(sac, preset, critic_width=64, batch_size=32)
     agent = sac.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
-    batch = sac.buffer_sample(filled_buffer(args), jax.random.PRNGKey(1), args.batch_size)
+    batch = sac.buffer_sample(filled_buffer(sac, args, terminal_every=5), jax.random.PRNGKey(1), args.batch_size)
     return args, agent, batch
 
 
@@ -213,9 +191,9 @@ def test_droq_dropout_is_active_in_the_actor_loss_pass(preset, dropout_active):
 
 @pytest.mark.parametrize("preset,utd", [("sac", 1), ("redq", 20), ("droq", 20)])
 def test_each_env_step_runs_utd_critic_updates_and_one_actor_update(preset, utd):
-    args = small_args(preset)
+    args = small_args(sac, preset)
     assert (args.utd, args.policy_delay) == (utd, utd)
-    buffer = filled_buffer(args)
+    buffer = filled_buffer(sac, args, terminal_every=5)
     agent = sac.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
     actor_before = jax.tree.map(np.asarray, agent.actor.params)
     steps = learning_steps(sac, args, agent, buffer, 3)
@@ -231,10 +209,16 @@ def test_the_utd_updates_are_one_scan_not_an_unrolled_python_loop():
     """REDQ's and DroQ's step: 19 critic updates in one scan, then the one the actor follows."""
 
     def traced(utd: int) -> str:
-        args = small_args(utd=utd, policy_delay=utd)
+        args = small_args(sac, utd=utd, policy_delay=utd)
         agent = sac.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
         keys = {"update": jax.random.PRNGKey(1), "explore": jax.random.PRNGKey(2)}
-        inputs = (agent, sac.Metrics.initial(), filled_buffer(args), keys, np.zeros((1, OBS_DIM), np.float32))
+        inputs = (
+            agent,
+            sac.Metrics.initial(),
+            filled_buffer(sac, args, terminal_every=5),
+            keys,
+            np.zeros((1, OBS_DIM), np.float32),
+        )
         pattern = sac.actor_update_pattern(args, args.learning_starts + 1)
         return str(sac.make_train_step(args, ACTION_DIM).trace(*inputs, pattern).jaxpr)
 
@@ -313,7 +297,10 @@ def test_nonsensical_hyperparameters_are_rejected(preset, flags, message):
 
 @pytest.mark.parametrize(
     "env_id,message",
-    [("CartPole-v1", "the agent needs a continuous Box action space"), ("NoSuchEnv-v0", "cannot make env 'NoSuchEnv-v0'")],
+    [
+        ("CartPole-v1", "the agent needs a continuous Box action space"),
+        ("NoSuchEnv-v0", "cannot make env 'NoSuchEnv-v0'"),
+    ],
 )
 def test_unusable_envs_are_rejected(env_id, message):
     with pytest.raises(sac.ConfigError) as error:
@@ -331,7 +318,7 @@ def test_divergence_in_any_of_a_steps_updates_spares_the_last_checkpoint(tmp_pat
     this may happen in any of a step's updates: it leaves Adam's second moment inf and the parameters
     finite, so only a check of every update's losses keeps that state out of the checkpoint."""
     monkeypatch.chdir(tmp_path)
-    args = small_args("redq", env_id="HugeRewardAfter100-v0", total_timesteps=2000, learning_starts=30)
+    args = small_args(sac, "redq", env_id="HugeRewardAfter100-v0", total_timesteps=2000, learning_starts=30)
     args = dataclasses.replace(args, log_freq=50, eval_freq=0, eval_episodes=1, checkpoint_freq=1)
     with pytest.raises(FloatingPointError, match=r"losses/qf_loss became NaN/inf at env step (\d+)") as error:
         sac.train(args)
