@@ -3,6 +3,7 @@
 # in Figure 5), https://arxiv.org/abs/1902.05605 (the authors' code: https://github.com/adityab/CrossQ).
 # One self-contained file: Batch Renormalization layer, networks, replay buffer,
 # jitted joint-pass update and training loop. Copy it, read it top to bottom, change it.
+# Its documentation page (usage, logged metrics, implementation details, results): docs/crossq_td3.md.
 # `python crossq_td3_jax.py td3 ...` runs the TD3 baseline of the same figure instead (see PRESETS).
 import contextlib
 import ctypes.util
@@ -130,21 +131,18 @@ class Args:
     """continue the run saved in this run directory or checkpoint file, with its hyperparameters"""
 
 
-# Named starting points for the flags, picked by a word in front of them. `td3` is the TD3 baseline
-# of the paper's Figure 5: target actor and critics with tau 0.005, no normalisation, critic width
-# 256, Adam b1 0.9, policy delay 2 (smoothing and exploration noise as in CrossQ-TD3), and Fujimoto's
-# target schedule (`--target-schedule authors`: the CrossQ authors' TD3 mode; docs/crossq_td3.md says why).
-#   python crossq_td3_jax.py td3 --env-id Hopper-v4     (flags after the word override the preset)
-#   python crossq_td3_jax.py --env-id Hopper-v4         (no word: CrossQ-TD3, the defaults of Args)
-PRESETS: dict[str, dict[str, Any]] = {
-    "td3": {
-        "exp_name": "td3_baseline",
-        "tau": 0.005,
-        "bn_mode": "none",
-        "critic_width": 256,
-        "adam_b1": 0.9,
-        "policy_delay": 2,
-    },
+# Named starting points for the flags, picked by a word in front of them (the first: when none is given); flags after
+# the word override its values. `td3` is the TD3 baseline of the paper's Figure 5: target actor and critics with tau
+# 0.005, no normalisation, critic width 256, Adam b1 0.9, policy delay 2 (smoothing and exploration noise as in
+# CrossQ-TD3), and Fujimoto's target schedule (`--target-schedule authors`: the CrossQ authors' TD3 mode;
+# docs/crossq_td3.md says why).
+#   python crossq_td3_jax.py td3 --env-id Hopper-v4
+PRESETS: dict[str, tuple[str, Args]] = {
+    "crossq_td3": ("CrossQ (TD3 base): no target networks, Batch Renormalization (the defaults)", Args()),
+    "td3": (
+        "TD3 baseline: target networks (tau 0.005), no normalisation, 256-wide critics, Adam b1 0.9, policy delay 2",
+        Args(exp_name="td3_baseline", tau=0.005, bn_mode="none", critic_width=256, adam_b1=0.9, policy_delay=2),
+    ),
 }
 
 
@@ -358,15 +356,11 @@ class Critic(nn.Module):
         return nn.Dense(1)(x).squeeze(-1)
 
 
-class CriticEnsemble(nn.Module):
-    """`n_critics` independent critics evaluated in one vectorised call; returns (n_critics, batch)."""
+class CriticEnsemble(Critic):
+    """`n_critics` independent critics, each a Critic with these settings, evaluated in one vectorised call; returns
+    (n_critics, batch)."""
 
     n_critics: int = 2
-    width: int = 2048
-    activation: str = "relu"
-    bn_mode: str = "brn"
-    bn_momentum: float = 0.99
-    bn_warmup_steps: int = 100_000
 
     @nn.compact
     def __call__(self, obs: jax.Array, actions: jax.Array, train: bool) -> jax.Array:
@@ -514,7 +508,7 @@ def create_agent(args: Args, obs_dim: int, action_dim: int, key: jax.Array) -> A
     norm = {"bn_momentum": args.bn_momentum, "bn_warmup_steps": args.bn_warmup_steps}
     actor_bn_mode = args.bn_mode if args.actor_bn else "none"
     actor = Actor(action_dim, args.actor_width, actor_bn_mode, **norm)
-    critic = CriticEnsemble(args.n_critics, args.critic_width, args.critic_activation, args.bn_mode, **norm)
+    critic = CriticEnsemble(args.critic_width, args.critic_activation, args.bn_mode, **norm, n_critics=args.n_critics)
     actor_key, critic_key = jax.random.split(key)
     obs, actions = jnp.zeros((1, obs_dim)), jnp.zeros((1, action_dim))
     # Each init is one jitted call: run eagerly, every op of the forward pass would be compiled on its own.
@@ -1289,7 +1283,7 @@ def check_args(args: Args) -> None:
 
 
 def check_env(env_id: str, render: bool = False) -> tuple[int, int]:
-    """Fail fast on an env CrossQ cannot drive: unknown id, discrete actions, non-vector observations.
+    """Fail fast on an env the agent cannot drive: unknown id, discrete actions, non-vector observations.
     With `render` (--capture-video), render a frame too: a machine that cannot record says so now.
     Returns the sizes of its observations and actions."""
     try:
@@ -1321,14 +1315,14 @@ def check_env(env_id: str, render: bool = False) -> tuple[int, int]:
     env.close()
     if not isinstance(action_space, gym.spaces.Box):
         raise ConfigError(
-            f"{env_id} has a {type(action_space).__name__} action space; CrossQ needs a continuous Box action space"
+            f"{env_id} has a {type(action_space).__name__} action space; the agent needs a continuous Box action space"
         )
     if len(action_space.shape) != 1 or action_space.shape[0] == 0:
-        raise ConfigError(f"{env_id} has actions of shape {action_space.shape}; CrossQ needs a vector of them")
+        raise ConfigError(f"{env_id} has actions of shape {action_space.shape}; the agent needs a vector of them")
     if not np.all(np.isfinite(action_space.low)) or not np.all(np.isfinite(action_space.high)):
-        raise ConfigError(f"{env_id} has an unbounded action space; CrossQ needs finite action bounds")
+        raise ConfigError(f"{env_id} has an unbounded action space; the agent needs finite action bounds")
     if not np.all(action_space.low < action_space.high):
-        raise ConfigError(f"{env_id} has action bounds with low >= high; CrossQ needs low < high")
+        raise ConfigError(f"{env_id} has action bounds with low >= high; the agent needs low < high")
     if observation_space.shape[0] == 0:
         raise ConfigError(f"{env_id} has empty observations (shape {observation_space.shape})")
     return observation_space.shape[0], action_space.shape[0]
@@ -1389,7 +1383,7 @@ def with_float32(value: float) -> str:
 
 def range_error(name: str, value: float | None) -> str | None:
     """What is wrong with flag `name`'s `value` by FLAG_RANGES, in words; None if it lies in its range."""
-    if value is None:  # an optional flag left unset (--tau: no target networks)
+    if value is None:  # an optional flag left unset (crossq_td3_jax's --tau: no target networks)
         return None
     low, high, low_allowed, high_allowed = FLAG_RANGES[name]
     x = value if isinstance(value, int) else float32(value)
@@ -1433,7 +1427,7 @@ def memory_parts(
     width = f"--critic-width {args.critic_width} with --n-critics {args.n_critics}"
     parts = [
         MemoryPart("the replay buffer", f"--buffer-size {args.buffer_size}", nbytes(buffer), nbytes(buffer)),
-        MemoryPart("the critics and their optimizer state", width, critics, critics),
+        MemoryPart("the critics (targets included) and their optimizer state", width, critics, critics),
         MemoryPart("the actor and its optimizer state", f"--actor-width {args.actor_width}", actor, actor),
     ]
     if train_step is None:
@@ -1643,7 +1637,7 @@ def refill(buffer: ReplayBuffer, stored: ReplayBuffer) -> ReplayBuffer:
 def write_checkpoint(path: str, device_state: dict, host_state: dict) -> None:
     """Write arrays and host state to `path` atomically (a kill mid-write leaves the previous checkpoint)."""
     arrays = flax.traverse_util.flatten_dict(flax.serialization.to_state_dict(jax.device_get(device_state)), sep="/")
-    arrays = {path: x for path, x in arrays.items() if x is not None}  # CrossQ's absent targets: nothing to store
+    arrays = {path: x for path, x in arrays.items() if x is not None}  # absent target networks: nothing to store
     meta = np.frombuffer(json.dumps(host_state, default=np.ndarray.tolist).encode(), np.uint8)
     write_atomically(path, lambda f: np.savez(f, __host_state__=meta, **arrays), "checkpoint")
 
@@ -1722,7 +1716,7 @@ def of_type(value: Any, hint: Any) -> bool:
 def restore(template: Any, arrays: dict) -> Any:
     """`template` (a pytree of the right structure) with its leaves taken from a checkpoint's arrays."""
     flat = flax.traverse_util.flatten_dict(flax.serialization.to_state_dict(template), sep="/", keep_empty_nodes=True)
-    absent = lambda leaf: leaf is None or leaf is flax.traverse_util.empty_node  # (None: CrossQ has no targets)
+    absent = lambda leaf: leaf is None or leaf is flax.traverse_util.empty_node  # None: no target networks
     missing = [path for path, leaf in flat.items() if not absent(leaf) and path not in arrays]
     if missing:
         raise ConfigError(f"the checkpoint lacks {missing[0]}")
@@ -1806,7 +1800,7 @@ def catch_signals() -> Callable[[], None]:
 EVAL_FLAGS = {"eval_model", "eval_episodes", "seed", "capture_video"}  # what applies to --eval-model
 
 
-def check_eval_flags(given: set[str], preset: str | None = None) -> None:
+def check_eval_flags(given: set[str], preset: str | None) -> None:
     """--eval-model uses the saved run's networks and env: a training flag beside it, whatever its value, or a
     preset word, is a mistake, said so."""
     if preset:
@@ -1904,26 +1898,47 @@ def evaluate_model(args: Args) -> dict:
 
 
 # MACHINERY: the command line
+# The hyperparameters in which the presets differ (exp_name aside: it only names the run). With --resume, a preset
+# word stands for these values and must agree with the checkpoint.
+PRESET_FIELDS = [
+    field.name
+    for field in dataclasses.fields(Args)
+    if field.name != "exp_name" and len({getattr(args, field.name) for _, args in PRESETS.values()}) > 1
+]
+
+
 def parse_args(argv: list[str] | None = None) -> Args:
-    """The command line: an optional preset word (see PRESETS), then tyro flags; with --resume, flags
-    not given take the checkpoint's values, so a td3 run resumes as td3 without the word."""
-    argv = sys.argv[1:] if argv is None else argv
-    preset, flags = (argv[0], argv[1:]) if argv and argv[0] in PRESETS else (None, argv)
-    default = dataclasses.replace(Args(), **PRESETS[preset]) if preset else Args()
-    td3_flags = " ".join(f"--{name.replace('_', '-')} {value}" for name, value in PRESETS["td3"].items())
-    description = f"CrossQ (TD3 base). The word `td3` before the flags starts from the TD3 baseline: {td3_flags}"
-    args = cli(flags, default=default, description=description)
+    """`[PRESET] [--flag value ...]`: an optional preset word picks the defaults (the first of PRESETS when left out),
+    every flag overrides them. With --resume, flags not given take the checkpoint's values, so a run resumes with its
+    preset without the word; a word given with --resume stands for its values of PRESET_FIELDS, as on the command line
+    that started the run, and must agree with the checkpoint."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    word = argv.pop(0) if argv and argv[0] in PRESETS else None
+    default_word, script = next(iter(PRESETS)), os.path.basename(__file__)
+    preset = word or default_word
+    description = (
+        f"{PRESETS[preset][0]}.\n\nPresets, chosen by the first word: {default_word} (when left out), "
+        f"{', '.join(list(PRESETS)[1:])}. Every flag overrides the preset's value; `{script} WORD --help` lists its "
+        f"values. `{script} --resume RUN_DIR` continues a run with its own hyperparameters, preset included."
+    )
+    parse = lambda defaults: cli(
+        argv, default=defaults, prog=f"{script} {word}" if word else script, description=description
+    )
+    args = parse(PRESETS[preset][1])
     if args.eval_model:
-        check_eval_flags(given_flags(flags), preset)
+        check_eval_flags(given_flags(argv), word)
     elif args.resume:
         _, saved = read_checkpoint(args.resume, with_arrays=False)
-        if preset == "td3" and saved["args"]["tau"] is None:  # the word may only restate what the run is
-            raise ConfigError(
-                f"{checkpoint_file(args.resume)} is of a CrossQ-TD3 run (no target networks), not of a td3 one: "
-                "resume it without the word td3"
-            )
         defaults = dataclasses.replace(Args(**saved["args"]), resume=args.resume)
-        args = cli(flags, default=defaults, description=description)
+        # A preset word stands for its values, as on the command line that started the run.
+        word_values = {name: getattr(PRESETS[word][1], name) for name in PRESET_FIELDS} if word else {}
+        args = parse(dataclasses.replace(defaults, **word_values))
+        for name, value in word_values.items():
+            if getattr(args, name) == value != saved["args"][name]:  # the word's value, not a flag's
+                raise ConfigError(
+                    f"the checkpoint is not of a {word} run: --{name.replace('_', '-')} is {saved['args'][name]} "
+                    f"in it, {value} in {word} (resume without the preset word to continue the run as it was)"
+                )
     return args
 
 

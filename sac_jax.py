@@ -9,6 +9,7 @@
 # SAC without target networks (`--no-target-network`, one joint pass as CrossQ), and the critic
 # activations of its Figures 8 and 16 (`--critic-activation`).
 # One self-contained file: networks, replay buffer, jitted update and training loop.
+# Its documentation page (usage, logged metrics, implementation details, results): docs/sac.md.
 import contextlib
 import ctypes.util
 import dataclasses
@@ -1566,8 +1567,10 @@ def with_float32(value: float) -> str:
     return f"{value}, {rounded} in float32" if rounded != value and rounded in limits else f"{value}"
 
 
-def range_error(name: str, value: float) -> str | None:
+def range_error(name: str, value: float | None) -> str | None:
     """What is wrong with flag `name`'s `value` by FLAG_RANGES, in words; None if it lies in its range."""
+    if value is None:  # an optional flag left unset (crossq_td3_jax's --tau: no target networks)
+        return None
     low, high, low_allowed, high_allowed = FLAG_RANGES[name]
     x = value if isinstance(value, int) else float32(value)
     if (low < x or (low_allowed and x == low)) and (x < high or (high_allowed and x == high)):

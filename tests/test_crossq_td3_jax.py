@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import learning_steps, read_scalars, run_dirs, run_script
+from conftest import learning_steps, read_scalars, run_dirs, run_script, small_args
 
 import crossq_td3_jax as m
 
@@ -19,11 +19,6 @@ TINY_RUN = [
     "--total-timesteps", "300", "--learning-starts", "256", "--batch-size", "32", "--critic-width", "32",
     "--buffer-size", "1000", "--eval-episodes", "1", "--log-freq", "100",
 ]  # fmt: skip
-
-
-def tiny_args(**overrides) -> m.Args:
-    small = {"batch_size": 16, "buffer_size": 64, "learning_starts": 16, "critic_width": 16, "actor_width": 16}
-    return dataclasses.replace(m.Args(), **{**small, **overrides})
 
 
 def random_batch(key: jax.Array, n: int) -> m.Transition:
@@ -98,7 +93,7 @@ def test_target_smoothing_noise_is_clipped_and_per_dimension():
 
 @pytest.mark.parametrize("tau", [None, 0.005])
 def test_target_action_uses_the_noise_flags_and_the_actor_in_eval_mode(noise_calls, tau):
-    args = tiny_args(policy_noise=0.3, noise_clip=0.4, tau=tau)
+    args = small_args(m, policy_noise=0.3, noise_clip=0.4, tau=tau)
     agent = m.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
     if tau is not None:  # make the target actor differ from the live one
         agent = agent._replace(
@@ -119,7 +114,7 @@ def test_target_action_uses_the_noise_flags_and_the_actor_in_eval_mode(noise_cal
 
 
 def test_exploration_noise_is_per_dimension():
-    agent = m.create_agent(tiny_args(), OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
+    agent = m.create_agent(small_args(m), OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
     obs = 0.3 * jax.random.normal(jax.random.PRNGKey(1), (5000, OBS_DIM))
     clean = np.asarray(m.deterministic_action(agent.actor, obs))
     noisy = m.explore(agent.actor, obs, jax.random.PRNGKey(2), 0.1)
@@ -134,7 +129,7 @@ def test_exploration_noise_is_per_dimension():
 
 
 def test_critic_loss_is_one_joint_train_pass_over_s_and_s_next(noise_calls):
-    args = tiny_args()
+    args = small_args(m)
     agent = m.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
     batch = random_batch(jax.random.PRNGKey(1), args.batch_size)
     loss, (batch_stats, _) = m.critic_loss(agent.critic.params, agent, batch, jax.random.PRNGKey(2), args)
@@ -172,7 +167,7 @@ def test_critic_loss_is_one_joint_train_pass_over_s_and_s_next(noise_calls):
 def test_no_target_network_the_td_target_moves_with_the_live_critic(tau):
     """With gamma 1 and no terminals, shifting the live critics' output by c leaves the CrossQ loss
     unchanged (q and q' both move); with target networks (TD3 baseline) only q moves."""
-    args = tiny_args(gamma=1.0, tau=tau)
+    args = small_args(m, gamma=1.0, tau=tau)
     agent = m.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
     paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(agent)[0]]
     assert any("targets" in path for path in paths) == (tau is not None)
@@ -189,7 +184,7 @@ def test_no_target_network_the_td_target_moves_with_the_live_critic(tau):
 
 
 def test_actor_loss_is_min_over_critics_critic_in_eval_mode_actor_in_train_mode():
-    args = tiny_args()
+    args = small_args(m)
     agent = m.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
     # make the two critics disagree, so that min, mean and Q1 differ
     params = with_output_bias(agent.critic.params, jnp.array([[3.0], [-3.0]]))
@@ -205,7 +200,7 @@ def test_actor_loss_is_min_over_critics_critic_in_eval_mode_actor_in_train_mode(
 
 @pytest.mark.parametrize(("policy_delay", "utd"), [(3, 1), (2, 3)])
 def test_actor_changes_exactly_every_policy_delay_critic_updates(policy_delay, utd):
-    args = tiny_args(policy_delay=policy_delay, utd=utd)
+    args = small_args(m, policy_delay=policy_delay, utd=utd)
     agent = m.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
     buffer = full_buffer(args, jax.random.PRNGKey(1))
     actor_changes, before = [], snapshot((agent.actor.params, agent.critic.params))
@@ -223,7 +218,7 @@ def test_actor_changes_exactly_every_policy_delay_critic_updates(policy_delay, u
 
 
 def test_td3_targets_are_polyak_averaged_on_the_actor_schedule():
-    args = tiny_args(tau=0.25, policy_delay=2)
+    args = small_args(m, tau=0.25, policy_delay=2)
     agent = m.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
     assert same(agent.targets, m.Targets(agent.actor.params, agent.critic.params))
     buffer = full_buffer(args, jax.random.PRNGKey(1))
@@ -286,17 +281,22 @@ def fake_checkpoint(path, **args) -> str:
 
 
 def test_resume_takes_the_preset_from_the_checkpoint(tmp_path):
-    td3_args = {**m.PRESETS["td3"], "policy_delay": 5, "env_id": "Walker2d-v4"}  # `td3 --policy-delay 5 ...`
+    td3 = dataclasses.replace(m.PRESETS["td3"][1], policy_delay=5, env_id="Walker2d-v4")  # `td3 --policy-delay 5 ...`
+    td3_args = {name: getattr(td3, name) for name in ("exp_name", "tau", "bn_mode", "critic_width", "adam_b1")}
+    td3_args |= {"policy_delay": 5, "env_id": "Walker2d-v4"}
     td3_run = fake_checkpoint(tmp_path / "td3.npz", **td3_args)
     crossq_run = fake_checkpoint(tmp_path / "crossq.npz", env_id="Walker2d-v4")
     resumed = m.parse_args(["--resume", td3_run])
     assert resumed == dataclasses.replace(m.Args(), **td3_args, resume=td3_run)  # td3, without the word
-    assert m.parse_args(["td3", "--resume", td3_run]) == resumed  # the word may restate what the run is
+    # The word may restate the command line that started the run (the word stands for all its values)
+    assert m.parse_args(["td3", "--policy-delay", "5", "--resume", td3_run]) == resumed
+    with pytest.raises(m.ConfigError, match="--policy-delay is 5 in it, 2 in td3"):
+        m.parse_args(["td3", "--resume", td3_run])
     assert m.parse_args(["--resume", td3_run, "--total-timesteps", "9"]).total_timesteps == 9
     assert m.parse_args(["--resume", crossq_run]) == dataclasses.replace(
         m.Args(), env_id="Walker2d-v4", resume=crossq_run
     )
-    with pytest.raises(m.ConfigError, match=r"is of a CrossQ-TD3 run \(no target networks\), not of a td3 one"):
+    with pytest.raises(m.ConfigError, match="the checkpoint is not of a td3 run"):
         m.parse_args(["td3", "--resume", crossq_run])
 
 
@@ -305,7 +305,7 @@ def test_the_td3_word_on_a_crossq_checkpoint_is_refused_with_one_line(script_run
     result, cwd = script_runner(SCRIPT, "td3", "--resume", crossq_run, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
-    assert result.stderr.startswith("error: ") and "resume it without the word td3" in result.stderr
+    assert result.stderr.startswith("error: ") and "resume without the preset word" in result.stderr
     assert run_dirs(cwd) == []
 
 

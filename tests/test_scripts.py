@@ -20,6 +20,7 @@ from conftest import (
     OBS_DIM,
     OPTIMISED_XLA,
     SCRIPTS,
+    fake_checkpoint,
     filled_buffer,
     module_of,
     read_scalars,
@@ -296,6 +297,23 @@ def test_help_lists_every_flag_and_the_preset_words(script, script_runner):
         assert re.search(re.escape(flag) + "[ ,]", result.stdout), flag  # `--seed INT`, `--track, --no-track`
     for word in PRESET_WORDS[script]:
         assert word in result.stdout, word
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_preset_word_sets_its_values_flags_override_them_and_a_resume_must_agree_with_it(script, tmp_path):
+    module = module_of(script)
+    default_word, *words = module.PRESETS
+    assert words == PRESET_WORDS[script]
+    assert module.parse_args([]) == module.parse_args([default_word]) == module.PRESETS[default_word][1]
+    for word in words:
+        preset = module.PRESETS[word][1]
+        assert module.parse_args([word]) == preset != module.Args()
+        assert module.parse_args([word, "--seed", "7"]) == dataclasses.replace(preset, seed=7)
+    # A run of the defaults resumed with another word, which it was not started with: one line, no run.
+    checkpoint = fake_checkpoint(module, tmp_path / "checkpoint.npz", module.Args(env_id="Pendulum-v1"))
+    assert module.parse_args(["--resume", checkpoint]) == module.Args(env_id="Pendulum-v1", resume=checkpoint)
+    with pytest.raises(module.ConfigError, match=f"the checkpoint is not of a {words[0]} run: --"):
+        module.parse_args([words[0], "--resume", checkpoint])
 
 
 SMOKE_FLAGS = [
