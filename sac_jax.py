@@ -53,14 +53,13 @@ class Args:
     seed: int = 1
     """seed of the experiment: the env, its action space and the JAX keys all derive from it"""
     track: bool = False
-    """if toggled, this experiment will be tracked with Weights and Biases (needs `pip install wandb`)"""
+    """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "crossq"
     """the wandb's project name"""
     wandb_entity: str | None = None
     """the entity (team) of wandb's project"""
     capture_video: bool = False
-    """if toggled, record the first episode of each evaluation to `videos/{run_name}` (needs requirements-extras.txt;
-    headless Linux: MUJOCO_GL=egl, the default there, with Debian's libegl1)"""
+    """if toggled, record the first episode of each evaluation to `videos/{run_name}`"""
     save_model: bool = False
     """if toggled, save the actor, the critics and the target critics to `runs/{run_name}`"""
     eval_model: str | None = None
@@ -70,7 +69,7 @@ class Args:
     # Algorithm specific arguments (defaults: the SAC column of the paper's Table 1)
     env_id: str = "Hopper-v4"
     """the id of the environment (any gymnasium env with a continuous Box action space; DeepMind Control as
-    `dm_control/<domain>-<task>` with requirements-dmc.txt installed)"""
+    `dm_control/<domain>-<task>`)"""
     total_timesteps: int = 1_000_000
     """total timesteps of the experiment (env steps)"""
     learning_starts: int = 5_000
