@@ -703,6 +703,13 @@ def train(args: Args) -> dict:
     key = jax.random.PRNGKey(args.seed)
     key, agent_key, explore_key = jax.random.split(key, 3)
 
+    agent = create_agent(args, obs_dim, action_dim, agent_key)
+    train_step = make_train_step(args, action_dim)
+    # XLA compiles the step's programs now, before the envs and the buffer exist (the loop's calls reuse them): a run
+    # that would not fit in memory with their working memory is refused before it leaves any trace (a video env
+    # makes its folder).
+    check_memory(memory_parts(args, obs_dim, action_dim, agent, train_step))
+
     # The recorder keeps each episode's reset state and actions: what a resumed run replays to get the env back.
     env = EpisodeRecorder(make_env(args.env_id, args.seed)())
     env.reset(seed=args.seed)  # seeds the env's generator; each episode records its state at reset
@@ -712,11 +719,6 @@ def train(args: Args) -> dict:
     eval_env.reset(seed=args.seed + 10_000)
     q_bias_env = make_env(args.env_id, args.seed + Q_BIAS_SEED_OFFSET)() if args.q_bias_freq else None
 
-    agent = create_agent(args, obs_dim, action_dim, agent_key)
-    train_step = make_train_step(args, action_dim)
-    # XLA compiles the step's programs now, before the buffer exists (the loop's calls reuse them): a run that would
-    # not fit in memory with their working memory is refused here, before it leaves any trace.
-    check_memory(memory_parts(args, obs_dim, action_dim, agent, train_step))
     buffer = ReplayBuffer.create(args.buffer_size, obs_dim, action_dim)
     metrics = Metrics.initial()
     store = jax.jit(store_step, donate_argnums=0)  # its own jitted call: see train_step
