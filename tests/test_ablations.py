@@ -176,18 +176,12 @@ def test_the_critic_applies_the_critic_activation_and_the_actor_stays_relu(scrip
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_activation_flags_are_checked_with_one_line_errors(script):
+def test_the_activation_flag_reaches_the_args(script):
     module = SCRIPTS[script]
     parse = module.parse_args
     args = parse(["--critic-activation", "tanh"])
     assert args.critic_activation == "tanh" and "activation" not in {f.name for f in dataclasses.fields(args)}
-    module.check_args(args)
-    for flags, message in [
-        (["--critic-activation", "swish"], "--critic-activation must be one of relu, tanh, elu, glu"),
-        (["--critic-activation", "glu", "--critic-width", "255"], "--critic-activation glu halves"),
-    ]:
-        with pytest.raises(module.ConfigError, match=message):
-            module.check_args(parse(flags))
+    module.check_args(args)  # its refusals: tests/test_refusals.py
 
 
 def test_a_bad_critic_activation_exits_with_one_line_before_any_compute(script_runner):

@@ -253,22 +253,6 @@ def test_td3_preset_and_overrides():
     assert m.parse_args(["td3", "--policy-delay", "5"]).policy_delay == 5
 
 
-@pytest.mark.parametrize(
-    ("field", "value", "message"),
-    [
-        ("policy_noise", -0.1, "--policy-noise must not be negative"),
-        ("noise_clip", -0.5, "--noise-clip must not be negative"),
-        ("exploration_noise", -0.1, "--exploration-noise must not be negative"),
-        ("tau", 0.0, "--tau must lie in (0, 1]"),
-        ("tau", 1.5, "--tau must lie in (0, 1]"),
-        ("policy_delay", 0, "--policy-delay must be positive"),
-    ],
-)
-def test_bad_hyperparameters_are_rejected(field, value, message):
-    with pytest.raises(m.ConfigError, match=message.replace("(", r"\(").replace("]", r"\]")):
-        m.check_args(dataclasses.replace(m.Args(), **{field: value}))
-
-
 def test_good_edge_values_are_accepted():
     m.check_args(dataclasses.replace(m.Args(), tau=1.0, policy_noise=0.0, noise_clip=0.0, exploration_noise=0.0))
 

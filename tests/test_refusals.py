@@ -7,7 +7,7 @@ A run that diverges is refused differently: exit 1, with a line that blames the 
 """
 
 import pytest
-from conftest import SCRIPTS, run_main_with_each, run_script
+from conftest import SCRIPTS, module_of, run_main_with_each, run_script
 
 # Inputs once seen to fail badly, then inputs found since, for every script: {id: command line}.
 REFUSED = {
@@ -108,6 +108,57 @@ def test_an_env_that_cannot_be_driven_is_refused_in_one_line_and_leaves_nothing(
     (line,) = result["stderr"].splitlines()
     assert line.startswith("error: ") and REFUSED_ENVS[name][1] in line, line
     assert result["new"] == []
+
+
+# Values check_args refuses, with the words of its message: every script, then each script's own flags.
+BAD_VALUES = [
+    (["--batch-size", "0"], "--batch-size must be positive"),
+    (["--critic-width", "-1"], "--critic-width must be positive"),
+    (["--actor-width", "0"], "--actor-width must be positive"),
+    (["--bn-momentum", "1.0"], "--bn-momentum must lie in (0, 1)"),
+    (["--bn-momentum", "0"], "--bn-momentum must lie in (0, 1)"),
+    (["--learning-starts", "100"], "--learning-starts (100) must be at least --batch-size (256)"),
+    (["--buffer-size", "100", "--learning-starts", "5000"], "--buffer-size (100) must be at least --batch-size"),
+    (["--learning-rate", "0"], "--learning-rate must be positive and finite"),
+    (["--learning-rate", "nan"], "--learning-rate must be positive and finite"),
+    (["--gamma", "1.5"], "--gamma must lie in [0, 1]"),
+    (["--adam-b1", "1"], "--adam-b1 must lie in [0, 1)"),
+    (["--utd", "0"], "--utd must be positive"),
+    (["--policy-delay", "0"], "--policy-delay must be positive"),
+    (["--critic-activation", "swish"], "--critic-activation must be one of relu, tanh, elu, glu"),
+    (["--critic-activation", "glu", "--critic-width", "255"], "--critic-activation glu halves"),
+]
+BAD_VALUES_BY_SCRIPT = {
+    "crossq_jax.py": [],
+    "crossq_td3_jax.py": [
+        (["--policy-noise", "-0.1"], "--policy-noise must not be negative"),
+        (["--noise-clip", "-0.5"], "--noise-clip must not be negative"),
+        (["--exploration-noise", "-0.1"], "--exploration-noise must not be negative"),
+        (["--tau", "0"], "--tau must lie in (0, 1]"),
+        (["td3", "--tau", "1.5"], "--tau must lie in (0, 1]"),
+    ],
+    "sac_jax.py": [
+        (["redq", "--target-subset-size", "11"], "--target-subset-size must lie between 1 and --n-critics (10)"),
+        (["--target-subset-size", "0"], "--target-subset-size must lie between 1 and --n-critics (2)"),
+        (["--n-critics", "1"], "--target-subset-size must lie between 1 and --n-critics (1)"),
+        (["--tau", "0"], "--tau must lie in (0, 1]"),
+        (["--tau", "1.5"], "--tau must lie in (0, 1]"),
+        (["droq", "--dropout-rate", "1.0"], "--dropout-rate must lie in [0, 1)"),
+        (["droq", "--dropout-rate", "-0.1"], "--dropout-rate must lie in [0, 1)"),
+        (["redq", "--utd", "0"], "--utd must be positive"),
+    ],
+}
+BAD_VALUE_CASES = [(script, *case) for script in SCRIPTS for case in BAD_VALUES + BAD_VALUES_BY_SCRIPT[script]]
+
+
+@pytest.mark.parametrize(
+    "script,argv,message", BAD_VALUE_CASES, ids=[f"{s[:-3]}-{' '.join(a)}" for s, a, _ in BAD_VALUE_CASES]
+)
+def test_a_bad_value_is_refused_with_a_message_that_names_its_flag(script, argv, message):
+    module = module_of(script)
+    with pytest.raises(module.ConfigError) as error:
+        module.check_args(module.parse_args(argv))
+    assert message in str(error.value)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -270,44 +270,6 @@ def test_the_help_of_a_preset_shows_its_values(script_runner):
     )
 
 
-@pytest.mark.parametrize(
-    "preset,flags,message",
-    [
-        ("redq", ["--target-subset-size", "11"], "--target-subset-size must lie between 1 and --n-critics (10)"),
-        ("sac", ["--target-subset-size", "0"], "--target-subset-size must lie between 1 and --n-critics (2)"),
-        ("sac", ["--n-critics", "1"], "--target-subset-size must lie between 1 and --n-critics (1)"),
-        ("sac", ["--tau", "0"], "--tau must lie in (0, 1]"),
-        ("sac", ["--tau", "1.5"], "--tau must lie in (0, 1]"),
-        ("droq", ["--dropout-rate", "1.0"], "--dropout-rate must lie in [0, 1)"),
-        ("droq", ["--dropout-rate", "-0.1"], "--dropout-rate must lie in [0, 1)"),
-        ("sac", ["--batch-size", "0"], "--batch-size must be positive"),
-        ("sac", ["--critic-width", "-1"], "--critic-width must be positive"),
-        ("redq", ["--utd", "0"], "--utd must be positive"),
-        ("sac", ["--learning-starts", "100"], "--learning-starts (100) must be at least --batch-size (256)"),
-        ("sac", ["--learning-rate", "nan"], "--learning-rate must be positive and finite"),
-        ("sac", ["--gamma", "1.5"], "--gamma must lie in [0, 1]"),
-        ("sac", ["--adam-b1", "1"], "--adam-b1 must lie in [0, 1)"),
-    ],
-)
-def test_nonsensical_hyperparameters_are_rejected(preset, flags, message):
-    with pytest.raises(sac.ConfigError) as error:
-        sac.check_args(sac.parse_args([preset, *flags]))
-    assert message in str(error.value)
-
-
-@pytest.mark.parametrize(
-    "env_id,message",
-    [
-        ("CartPole-v1", "the agent needs a continuous Box action space"),
-        ("NoSuchEnv-v0", "cannot make env 'NoSuchEnv-v0'"),
-    ],
-)
-def test_unusable_envs_are_rejected(env_id, message):
-    with pytest.raises(sac.ConfigError) as error:
-        sac.check_env(env_id)
-    assert message in str(error.value)
-
-
 # ---------------------------------------------------------------------------------------------
 # Divergence at UTD 20
 # ---------------------------------------------------------------------------------------------
