@@ -184,13 +184,6 @@ def test_the_activation_flag_reaches_the_args(script):
     module.check_args(args)  # its refusals: tests/test_refusals.py
 
 
-def test_a_bad_critic_activation_exits_with_one_line_before_any_compute(script_runner):
-    result, cwd = script_runner("crossq_jax.py", "--critic-activation", "swish", timeout=120)
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "--critic-activation must be one of" in lines[0] and not (cwd / "runs").exists()
-
-
 # ---------------------------------------------------------------------------------------------
 # LayerNorm instead of BRN (Figure 13): crossq_jax.py --bn-mode layernorm
 # ---------------------------------------------------------------------------------------------

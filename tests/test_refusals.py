@@ -43,6 +43,7 @@ REFUSED = {
     "exp-name-with-a-slash": ["--exp-name", "a/b", "--save-model"],
     "exp-name-dot-dot": ["--exp-name", ".."],
     "exp-name-too-long": ["--exp-name", "x" * 250],
+    "critic-activation-unknown": ["--critic-activation", "swish"],
 }
 REFUSED_BY_SCRIPT = {
     "crossq_jax.py": {
