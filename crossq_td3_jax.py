@@ -1420,7 +1420,8 @@ def memory_parts(
     nothing is allocated), on the device and again in a checkpoint's host copy. Given the `agent` and the jitted
     `train_step`, also the working memory (`memory_analysis()`) of the programs XLA compiles for them: each actor-update
     pattern of train_step (the activations and gradients of the step's updates), and a Q-bias pass. They are compiled
-    here once, on an abstract buffer, and the run's calls reuse them (JAX caches a program by its arguments' shapes)."""
+    here once, on an abstract buffer, and the run's calls reuse them (JAX caches a program by its arguments' shapes
+    and structure, optimizer and apply functions included: hence the real agent)."""
     abstract_agent = jax.eval_shape(functools.partial(create_agent, args, obs_dim, action_dim), jax.random.PRNGKey(0))
     buffer = jax.eval_shape(functools.partial(ReplayBuffer.create, args.buffer_size, obs_dim, action_dim))
     critics = nbytes((abstract_agent.critic, getattr(abstract_agent, "targets", None)))
