@@ -715,7 +715,7 @@ def train(args: Args) -> dict:
     # XLA compiles the step's programs now, before the envs and the buffer exist (the loop's calls reuse them): a run
     # that would not fit in memory with their working memory is refused before it leaves any trace (a video env
     # makes its folder).
-    check_memory(memory_parts(args, obs_dim, action_dim, agent, train_step))
+    check_memory(memory_parts(args, obs_dim, action_dim) + program_parts(args, obs_dim, action_dim, agent, train_step))
 
     # The recorder keeps each episode's reset state and actions: what a resumed run replays to get the env back.
     env = EpisodeRecorder(make_env(args.env_id, args.seed)())
@@ -1358,7 +1358,7 @@ FLAG_RANGES = {
     **dict.fromkeys(["n_critics", "eval_episodes", "log_freq", "q_bias_samples", "q_bias_cutoff"], POSITIVE),
     **dict.fromkeys(["learning_starts", "bn_warmup_steps", "eval_freq", "checkpoint_freq"], NOT_NEGATIVE),
     "q_bias_freq": NOT_NEGATIVE,
-    "buffer_size": (0, float("inf"), False, True),  # its int32 limit comes after the memory check: see check_memory
+    "buffer_size": (0, float("inf"), False, True),  # its int32 limit comes after the memory check: see start_run
     "seed": (0, 2**32 - 1, True, True),  # np.random.seed's limit (the eval env gets seed + 10_000)
     "gamma": (0.0, 1.0, True, True),
     "learning_rate": (0.0, float("inf"), False, False),
@@ -1412,28 +1412,29 @@ def nbytes(tree: Any) -> int:
     return sum(int(np.prod(leaf.shape)) * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree))
 
 
-def memory_parts(
-    args: Args, obs_dim: int, action_dim: int, agent: AgentState | None = None, train_step: Callable | None = None
-) -> list[MemoryPart]:
-    """The bytes of a run's large parts. The buffer and the networks (parameters, Adam's moments, running statistics,
-    target networks) from the shapes of what `ReplayBuffer.create` and `create_agent` return (`jax.eval_shape`:
-    nothing is allocated), on the device and again in a checkpoint's host copy. Given the `agent` and the jitted
-    `train_step`, also the working memory (`memory_analysis()`) of the programs XLA compiles for them: each actor-update
-    pattern of train_step (the activations and gradients of the step's updates), and a Q-bias pass. They are compiled
-    here once, on an abstract buffer, and the run's calls reuse them (JAX caches a program by its arguments' shapes
-    and structure, optimizer and apply functions included: hence the real agent)."""
+def memory_parts(args: Args, obs_dim: int, action_dim: int) -> list[MemoryPart]:
+    """The bytes of the buffer and the networks (parameters, Adam's moments, running statistics, target networks), from
+    the shapes of what `ReplayBuffer.create` and `create_agent` return (`jax.eval_shape`: nothing is allocated), on the
+    device and again in a checkpoint's host copy."""
     abstract_agent = jax.eval_shape(functools.partial(create_agent, args, obs_dim, action_dim), jax.random.PRNGKey(0))
     buffer = jax.eval_shape(functools.partial(ReplayBuffer.create, args.buffer_size, obs_dim, action_dim))
     critics = nbytes((abstract_agent.critic, getattr(abstract_agent, "targets", None)))
     actor = nbytes(abstract_agent) - critics
     width = f"--critic-width {args.critic_width} with --n-critics {args.n_critics}"
-    parts = [
+    return [
         MemoryPart("the replay buffer", f"--buffer-size {args.buffer_size}", nbytes(buffer), nbytes(buffer)),
         MemoryPart("the critics (targets included) and their optimizer state", width, critics, critics),
         MemoryPart("the actor and its optimizer state", f"--actor-width {args.actor_width}", actor, actor),
     ]
-    if train_step is None:
-        return parts
+
+
+def program_parts(
+    args: Args, obs_dim: int, action_dim: int, agent: AgentState, train_step: Callable
+) -> list[MemoryPart]:
+    """The working memory (`memory_analysis()`) of the programs XLA compiles for `agent` and the jitted `train_step`:
+    each actor-update pattern of train_step (the activations and gradients of the step's updates), and a Q-bias pass.
+    They are compiled here once, on an abstract buffer, and the run's calls reuse them (JAX caches a program by its
+    arguments' shapes and structure, optimizer and apply functions included: hence the real agent)."""
 
     def working_memory(lowered: jax.stages.Lowered) -> int:
         stats = lowered.compile().memory_analysis()
@@ -1441,6 +1442,7 @@ def memory_parts(
             return 0
         return stats.temp_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
 
+    buffer = jax.eval_shape(functools.partial(ReplayBuffer.create, args.buffer_size, obs_dim, action_dim))
     keys = jax.eval_shape(lambda: dict.fromkeys(["update", "explore"], jax.random.PRNGKey(0)))
     obs = jax.ShapeDtypeStruct((1, obs_dim), jnp.float32)
     step_inputs = (agent, jax.eval_shape(Metrics.initial), buffer, keys, obs)
@@ -1448,7 +1450,7 @@ def memory_parts(
     patterns = dict.fromkeys(actor_update_pattern(args, step) for step in range(first, last + 1))  # they repeat
     # actor_updates positionally, as train() passes it: JAX's cache tells a positional argument from a keyword one.
     update = max([working_memory(train_step.lower(*step_inputs, p)) for p in patterns], default=0)
-    parts.append(MemoryPart("the activations of one update", f"--batch-size {args.batch_size}", update, 0))
+    parts = [MemoryPart("the activations of one update", f"--batch-size {args.batch_size}", update, 0)]
     if args.q_bias_freq:
         states = [jax.ShapeDtypeStruct((args.q_bias_samples, n), jnp.float32) for n in (obs_dim, action_dim)]
         q_bias_pass = working_memory(critic_mean_q.lower(agent.critic, *states))

@@ -231,8 +231,8 @@ def test_the_memory_a_run_is_checked_against_is_what_it_allocates_and_compiles(s
 
     args = module.Args(critic_width=256, batch_size=1024, buffer_size=2048, learning_starts=1024, total_timesteps=2048)
     agent = module.create_agent(args, 3, 1, jax.random.PRNGKey(0))
-    parts = module.memory_parts(args, 3, 1, agent, module.make_train_step(args, 1))
-    update = parts[3]
+    (update,) = module.program_parts(args, 3, 1, agent, module.make_train_step(args, 1))
+    parts = [*module.memory_parts(args, 3, 1), update]
     assert update.what == "the activations of one update" and update.flags == "--batch-size 1024"
     # A floor derived by hand: the backward pass keeps at least the critics' hidden activations (rows x width x 2
     # layers x n_critics float32), on at least the batch's rows.
