@@ -309,7 +309,7 @@ def test_a_preset_word_sets_its_values_flags_override_them_and_a_resume_must_agr
         preset = module.PRESETS[word][1]
         assert module.parse_args([word]) == preset != module.Args()
         assert module.parse_args([word, "--seed", "7"]) == dataclasses.replace(preset, seed=7)
-    # A run of the defaults resumed with another word, which it was not started with: one line, no run.
+    # A run of the defaults resumed with another word, which it was not started with: refused, naming a flag.
     checkpoint = fake_checkpoint(module, tmp_path / "checkpoint.npz", module.Args(env_id="Pendulum-v1"))
     assert module.parse_args(["--resume", checkpoint]) == module.Args(env_id="Pendulum-v1", resume=checkpoint)
     with pytest.raises(module.ConfigError, match=f"the checkpoint is not of a {words[0]} run: --"):
