@@ -66,6 +66,65 @@ def wait_for(condition, what: str, sweep: subprocess.Popen, timeout: float = 600
         time.sleep(0.2)
 
 
+def run_pid(folder: Path, seed: int) -> int:
+    """The pid of the cell's run: the crossq_jax.py process whose working folder is the cell's (Linux /proc)."""
+    cell = cell_folder(folder, seed).resolve()
+    for proc in Path("/proc").iterdir():
+        try:
+            if (
+                proc.name.isdigit()
+                and (proc / "cwd").resolve() == cell
+                and b"crossq_jax.py" in (proc / "cmdline").read_bytes()
+            ):
+                return int(proc.name)
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    pytest.fail(f"no run of seed {seed} in {cell}: it finished before the test could stop it")
+
+
+def proc_status(pid: int) -> dict[str, str] | None:
+    """The fields of /proc/{pid}/status (Linux), or None when the process is gone."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except FileNotFoundError:
+        return None
+    return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+
+
+def pause_at_checkpoints(folder: Path, seeds: list[int], sweep: subprocess.Popen) -> dict[int, int]:
+    """SIGSTOP each seed's run as soon as its first checkpoint exists, whichever comes first, so that no run
+    reaches its end before the test has stopped it (a tiny run needs only seconds from there). Returns once
+    every run has stopped: a SIGTERM sent earlier could be taken before the SIGSTOP (the kernel delivers the
+    lower-numbered signal first) and leave a stopped run that has seen its SIGTERM."""
+    paused: dict[int, int] = {}
+
+    def pause_new() -> bool:
+        for seed in seeds:
+            if seed not in paused and has_checkpoint(folder, seed):
+                paused[seed] = run_pid(folder, seed)
+                os.kill(paused[seed], signal.SIGSTOP)
+        states = [proc_status(pid) for pid in paused.values()]
+        return len(paused) == len(seeds) and all(s is not None and s["State"].startswith("T") for s in states)
+
+    wait_for(pause_new, f"stopped runs of seeds {seeds} at their checkpoints", sweep)
+    return paused
+
+
+def continue_when_sigterm_waits(pid: int, timeout: float = 60) -> None:
+    """SIGCONT to a paused run once a SIGTERM is pending for it, so that it acts on that SIGTERM first thing
+    (at once if something else, such as SLURM, has continued it already)."""
+    deadline = time.monotonic() + timeout
+    signalled = False
+    while not signalled and time.monotonic() < deadline:
+        if (status := proc_status(pid)) is None:  # it ended
+            return
+        pending = int(status["SigPnd"], 16) | int(status["ShdPnd"], 16)
+        signalled = bool(pending & (1 << (signal.SIGTERM - 1))) or not status["State"].startswith("T")
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGCONT)  # also when the test fails below: no paused process is left behind
+    assert signalled, f"no SIGTERM reached the paused run (pid {pid}) in {timeout} s"
+
+
 def check_finished_after_one_stop(folder: Path, seed: int) -> None:
     """The cell's result file holds both evaluations of the whole run, which started once and continued once."""
     result = json.loads(result_file(folder, seed).read_text())
@@ -88,8 +147,9 @@ def test_local_sweep_stops_continues_and_skips_finished_cells(tmp_path):
     kept.write_text('{"finished": "earlier"}\n')
 
     sweep = subprocess.Popen(sweep_command(tmp_path), env=script_env(), stdout=subprocess.PIPE, text=True)
-    wait_for(lambda: has_checkpoint(tmp_path, 1), "checkpoint of seed 1", sweep)
+    (paused,) = pause_at_checkpoints(tmp_path, [1], sweep).values()
     sweep.send_signal(signal.SIGTERM)  # as `kill` or the end of a session would: passed on to the run
+    continue_when_sigterm_waits(paused)
     output = sweep.communicate(timeout=120)[0]
     assert sweep.returncode == 128 + signal.SIGTERM, output
     assert "1 of 2 runs to go" in output
@@ -225,14 +285,15 @@ def test_slurm_sweep_finishes_every_run_through_preemption_and_time_limit(slurm_
     sweep = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
     job_of = lambda seed: (cell_folder(tmp_path, seed) / "slurm_job").read_text().strip()
     try:
+        paused = pause_at_checkpoints(tmp_path, [1, 2], sweep)
         # Seed 1 is preempted as a cluster with PreemptMode=REQUEUE does it: SIGTERM to every process of
         # the job, which SLURM then puts back in the queue.
-        wait_for(lambda: has_checkpoint(tmp_path, 1), "checkpoint of seed 1", sweep)
         subprocess.run(["scontrol", "requeue", job_of(1)], env=env, check=True)
         # Seed 2 nears its time limit: SLURM sends the USR2 that submitit asked for (--signal=USR2@90);
         # the task stops its run with a checkpoint and requeues itself.
-        wait_for(lambda: has_checkpoint(tmp_path, 2), "checkpoint of seed 2", sweep)
         subprocess.run(["scancel", "--signal=USR2", job_of(2)], env=env, check=True)
+        for pid in paused.values():
+            continue_when_sigterm_waits(pid)
         output = sweep.communicate(timeout=600)[0]
     finally:
         if sweep.poll() is None:
