@@ -1024,8 +1024,8 @@ class Run:
     writer: SummaryWriter | None = None  # made by open()
 
     def __post_init__(self) -> None:
-        self.clock = TrainClock(self.saved["train_seconds"] if self.saved else 0.0)  # started again by training()
-        self.eta = time_left(self.args.total_timesteps)
+        seconds_so_far = self.saved["train_seconds"] if self.saved else 0.0
+        self.clock = TrainClock(self.args.total_timesteps, seconds_so_far)  # started again by training()
         self.preemption = STOP_SIGNAL  # {"signum": ...} once SIGTERM or SIGINT arrived
 
     def open(self) -> None:
@@ -1117,7 +1117,7 @@ class Run:
         """charts/SPS and, once learning, losses/<PROGRESS_METRICS> to TensorBoard; one plain line to stdout."""
         sps = int(step / self.clock.seconds())
         self.writer.add_scalar("charts/SPS", sps, step)
-        progress = f"step={step} SPS={sps} episodic_return={episodic_return:.1f} ETA={self.eta(step, learning)}"
+        progress = f"step={step} SPS={sps} episodic_return={episodic_return:.1f} ETA={self.clock.eta(step, learning)}"
         if learning:
             check_finite(step, agent, metrics)
             values = {name: float(getattr(metrics, name)) for name in PROGRESS_METRICS}
@@ -1163,49 +1163,42 @@ class Run:
 
 
 class TrainClock:
-    """Seconds of training, for SPS and checkpoints: the wall clock since the start, less the time spent inside
-    `with clock.paused():` (evaluations, Q-bias measurements, checkpoints)."""
+    """Seconds of training, for SPS and checkpoints: the wall clock since `start()` (on top of a resumed run's
+    seconds), less the time spent inside `with clock.paused():` (evaluations, Q-bias measurements, checkpoints);
+    and the time left that the progress line shows."""
 
-    def __init__(self, seconds_so_far: float = 0.0) -> None:
-        self.trained = seconds_so_far  # the training seconds when last paused (a resumed run's: its checkpoint's)
+    def __init__(self, total_steps: int, seconds_so_far: float = 0.0) -> None:
+        self.total_steps, self.trained = total_steps, seconds_so_far  # trained: the seconds when last paused
+        self.eta_from: tuple[int, float] | None = None  # (step, wall clock) of the first progress line with learning
         self.start()
 
     def start(self) -> None:
-        """Count from now on, on top of the seconds `trained` so far."""
-        self.started, self.excluded = time.perf_counter() - self.trained, 0.0
-        self.paused_at = self.started
+        self.started = time.perf_counter() - self.trained
 
     def seconds(self) -> float:
-        return time.perf_counter() - self.started - self.excluded
+        return time.perf_counter() - self.started
 
-    def paused(self) -> "TrainClock":
-        return self
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        paused_at, self.trained = time.perf_counter(), self.seconds()
+        try:
+            yield
+        finally:
+            self.started += time.perf_counter() - paused_at  # the pause does not count
 
-    def __enter__(self) -> None:
-        self.paused_at, self.trained = time.perf_counter(), self.seconds()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.excluded += time.perf_counter() - self.paused_at
-
-
-def time_left(total_steps: int) -> Callable[[int, bool], str]:
-    """`eta(step, learning)`: the time left as H:MM:SS, at the wall-clock pace (evaluations and checkpoints
-    included) since the first progress line with learning on; `?` before it, since random actions run far faster."""
-    mark: list[tuple[int, float]] = []
-
-    def eta(step: int, learning: bool) -> str:
-        if step >= total_steps:
+    def eta(self, step: int, learning: bool) -> str:
+        """The time left as H:MM:SS, at the wall-clock pace (evaluations and checkpoints included) since the first
+        progress line with learning on; `?` before it, since random actions run far faster."""
+        if step >= self.total_steps:
             return "0:00:00"
         if not learning:
             return "?"
-        if not mark:
-            mark.append((step, time.perf_counter()))
+        if self.eta_from is None:
+            self.eta_from = (step, time.perf_counter())
             return "?"
-        (start_step, start_time), now = mark[0], time.perf_counter()
-        seconds = round((now - start_time) / (step - start_step) * (total_steps - step))
+        (from_step, from_time), now = self.eta_from, time.perf_counter()
+        seconds = round((now - from_time) / (step - from_step) * (self.total_steps - step))
         return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-    return eta
 
 
 class EpisodeRecorder(gym.Wrapper):

@@ -85,6 +85,30 @@ def test_a_write_that_fails_is_one_line_and_leaves_no_partial_file(script, tmp_p
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
+def test_the_training_clock_leaves_out_pauses_goes_on_from_a_checkpoint_and_estimates_the_time_left(
+    script, monkeypatch
+):
+    """SPS and a checkpoint's train_seconds count training only: a resumed run's 50 s, then 10 s of training, a
+    30 s pause (an evaluation), 5 s more: 65 s. The ETA extrapolates the pace since the first learning line."""
+    module = module_of(script)
+    now = [1000.0]
+    monkeypatch.setattr(module.time, "perf_counter", lambda: now[0])
+    clock = module.TrainClock(total_steps=1000, seconds_so_far=50.0)
+    now[0] += 7.0  # the start-up (compiling) before training() starts the clock
+    clock.start()
+    now[0] += 10.0
+    with clock.paused():
+        assert clock.trained == 60.0
+        now[0] += 30.0
+    now[0] += 5.0
+    assert clock.seconds() == 65.0
+    assert clock.eta(100, learning=False) == "?" and clock.eta(200, learning=True) == "?"  # random actions; the mark
+    now[0] += 90.0  # 100 steps in 90 s: 700 steps to go
+    assert clock.eta(300, learning=True) == "0:10:30"
+    assert clock.eta(1000, learning=True) == "0:00:00"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_a_resumed_run_prints_the_last_episodes_return_not_nan(script, tmp_path, capsys, monkeypatch):
     module = module_of(script)
     monkeypatch.chdir(tmp_path)
