@@ -1,11 +1,10 @@
 # CrossQ (SAC base) in JAX: Bhatt, Palenicek et al., "CrossQ: Batch Normalization in Deep
 # Reinforcement Learning for Greater Sample Efficiency and Simplicity", ICLR 2024,
 # https://arxiv.org/abs/1902.05605 (the authors' code: https://github.com/adityab/CrossQ).
-# One self-contained file: Batch Renormalization layer, networks, replay buffer, jitted
-# joint-pass update and training loop. Copy it, read it top to bottom, change it.
-# What goes beyond CleanRL (checkpoints and exact resume, --eval-model, the Q-bias measurement,
-# DeepMind Control) is in crossq_utils.py, which only the flags that need it import.
-# Its documentation page (usage, logged metrics, implementation details, results): docs/crossq.md.
+# One self-contained file: Batch Renormalization layer, networks, replay buffer, jitted joint-pass
+# update and training loop. Copy it, read it top to bottom, change it. What goes beyond CleanRL
+# (checkpoints and exact resume, --eval-model, the Q-bias measurement, DeepMind Control) is in
+# crossq_utils.py, which only the flags that need it import. Documentation: docs/crossq.md.
 import dataclasses
 import json
 import os
@@ -50,12 +49,11 @@ class Args:
     """if toggled, save the actor and critic (parameters and batch statistics) to `runs/{run_name}`"""
     eval_model: str | None = None
     """evaluate a saved model (a run directory, its `--save-model` file, or a checkpoint) for `--eval-episodes`
-    episodes and exit, without training; `--seed` and `--capture-video` apply, the rest comes from the saved run
-    (needs crossq_utils.py)"""
+    episodes and exit; `--seed` and `--capture-video` apply, the rest is the saved run's (needs crossq_utils.py)"""
 
     # Algorithm specific arguments (defaults: the CrossQ column of the paper's Table 1)
     env_id: str = "Hopper-v4"
-    """the id of the environment (any gymnasium env with a continuous Box action space; DeepMind Control as
+    """the id of the environment (a gymnasium env with a continuous Box action space; DeepMind Control as
     `dm_control/<domain>-<task>`, with crossq_utils.py)"""
     total_timesteps: int = 1_000_000
     """total timesteps of the experiment (env steps)"""
@@ -81,7 +79,7 @@ class Args:
     actor_bn: bool = True
     """normalise the actor too (`--no-actor-bn`: the paper's critic-only ablation)"""
     critic_width: int = 2048
-    """the width of the critic's hidden layers (their number: the loop in Critic.__call__)"""
+    """the width of the critic's hidden layers (two: their number is the loop in Critic.__call__)"""
     actor_width: int = 256
     """the width of the actor's two hidden layers"""
     adam_b1: float = 0.5
@@ -99,18 +97,16 @@ class Args:
     log_freq: int = 1_000
     """log losses every `log_freq` env steps and print a progress line"""
     q_bias_freq: int = 0
-    """measure the critic's Q bias every `q_bias_freq` env steps (0: off; the paper's Figures 7 and 17;
-    needs crossq_utils.py)"""
+    """measure the critic's Q bias every `q_bias_freq` env steps (0: off; Figures 7 and 17; needs crossq_utils.py)"""
     q_bias_samples: int = 1_000
     """the states (s, a) each Q-bias measurement compares the critic's Q with their Monte-Carlo return on"""
     q_bias_cutoff: int = 350
     """only the first `q_bias_cutoff` states of each Q-bias episode count (later ones have too little episode left)"""
     checkpoint_freq: int = 0
-    """write a checkpoint to `runs/{run_name}/checkpoint.npz` every `checkpoint_freq` env steps, at the end, and on
-    SIGTERM or Ctrl-C (0: off; needs crossq_utils.py)"""
+    """write `runs/{run_name}/checkpoint.npz` every `checkpoint_freq` env steps, at the end, and on SIGTERM or
+    Ctrl-C (0: off; needs crossq_utils.py)"""
     resume: str | None = None
-    """continue the run saved in this run directory or checkpoint file, with its hyperparameters, exactly where it
-    stopped (needs crossq_utils.py)"""
+    """continue the run saved in this run directory or checkpoint exactly where it stopped (needs crossq_utils.py)"""
 
 
 # Named starting points for the flags, picked by a word in front of them (the first: when none is given); flags after
@@ -120,7 +116,7 @@ PRESETS: dict[str, tuple[str, Args]] = {
     "crossq": ("CrossQ with the paper's Table 1 hyperparameters (the defaults)", Args()),
     "small": (
         "CrossQ (small): 256-wide critics, as in the paper's Table 2",
-        Args(exp_name=f"{Args.exp_name}_small", critic_width=256),
+        Args(exp_name="crossq_jax_small", critic_width=256),
     ),
 }
 
@@ -130,10 +126,10 @@ def parse_args(argv: list[str] | None = None) -> Args:
     argv = list(sys.argv[1:] if argv is None else argv)
     word = argv.pop(0) if argv and argv[0] in PRESETS else None
     description, defaults = PRESETS[word or next(iter(PRESETS))]
-    words = ", ".join(PRESETS)
-    args = tyro.cli(Args, args=argv, default=defaults, description=f"{description}. Presets (a first word): {words}.")
+    description += f". Presets, chosen by a first word: {', '.join(PRESETS)}."
+    args = tyro.cli(Args, args=argv, default=defaults, description=description)
     if args.resume or args.eval_model:  # flags not given take the saved run's values
-        args = load_utils("--resume" if args.resume else "--eval-model").saved_run_args(this_script(), args, argv, word)
+        args = load_utils("--resume" if args.resume else "--eval-model").saved_run_args(THIS, args, argv, word)
     return args
 
 
@@ -141,9 +137,11 @@ class ConfigError(ValueError):
     """A bad command line or environment, reported as one line (exit 2) before any compute is spent."""
 
 
+THIS = sys.modules[__name__]  # what crossq_utils.py is given: it looks up this file's functions when it calls them
+
+
 def load_utils(flag: str):
-    """crossq_utils.py, beside this script, for a flag that goes beyond CleanRL (imported by that flag only: copied
-    alone, this file trains)."""
+    """crossq_utils.py, for a flag that goes beyond CleanRL (only such a flag imports it: copied alone, this trains)."""
     try:
         import crossq_utils
     except ModuleNotFoundError as e:
@@ -153,17 +151,8 @@ def load_utils(flag: str):
     return crossq_utils
 
 
-def this_script():
-    """This module, as crossq_utils.py looks up its functions and classes (at call time: tests may patch them)."""
-    return sys.modules[__name__]
-
-
 def make_env(
-    env_id: str,
-    seed: int,
-    capture_video: bool = False,
-    run_name: str = "",
-    record_episode: Callable[[int], bool] = lambda episode: episode > 0,
+    env_id: str, seed: int, capture_video: bool = False, run_name: str = "", record_episode=lambda episode: episode > 0
 ) -> Callable[[], gym.Env]:
     """A thunk (CleanRL's convention) that builds the env with the agent's [-1, 1] action scale. With
     `capture_video`, the episodes `record_episode(i)` picks go to `videos/{run_name}` as MP4 files
@@ -185,11 +174,10 @@ def make_env(
 
 
 def gym_make(env_id: str, **kwargs) -> gym.Env:
-    """gym.make, with DeepMind Control's ids registered (`dm_control/...`) and observations flattened into a vector."""
+    """gym.make, DeepMind Control's ids registered (`dm_control/...`), observations flattened into one vector."""
     if env_id.startswith("dm_control/"):
-        load_utils("--env-id dm_control/...").import_dm_control(this_script())
-    with warnings.catch_warnings():
-        # The paper's results are on the v4 MuJoCo envs, which gymnasium 1.x calls out of date at every make.
+        load_utils("--env-id dm_control/...").import_dm_control(THIS)
+    with warnings.catch_warnings():  # the paper's v4 MuJoCo envs, which gymnasium 1.x calls out of date
         warnings.filterwarnings("ignore", message=".*is out of date", category=DeprecationWarning)
         env = gym.make(env_id, **kwargs)
     space = env.observation_space
@@ -298,8 +286,8 @@ class CriticActivation(nn.Module):
 
 
 class Normalization(nn.Module):
-    """The normalisation layer the `--bn-mode` flag selects: BRN, plain BN (BRN with r=1, d=0 and flax's epsilon) or
-    none (also for `layernorm`, whose LayerNorm sits elsewhere: see Critic)."""
+    """The layer `--bn-mode` selects: BRN, plain BN (BRN with r=1, d=0 and flax's epsilon) or none (also for
+    `layernorm`, whose LayerNorm sits elsewhere: see Critic)."""
 
     mode: str = "brn"
     momentum: float = 0.99
@@ -311,19 +299,16 @@ class Normalization(nn.Module):
             return x
         # Plain BN is flax's BatchNorm, as in the authors' plain-BN runs: its epsilon is 1e-5, not BRN's 1e-3 (with
         # 1e-3 a feature of variance below about 1e-3 would come out shrunk instead of normalised).
-        bn = {"r_max": 1.0, "d_max": 0.0, "epsilon": 1e-5}
-        limits = {"brn": {"r_max": 3.0, "d_max": 5.0}, "bn": bn}[self.mode]
-        return BatchRenorm(
+        limits = {"brn": {"r_max": 3.0, "d_max": 5.0}, "bn": {"r_max": 1.0, "d_max": 0.0, "epsilon": 1e-5}}[self.mode]
+        norm = BatchRenorm(
             use_running_average=not train, momentum=self.momentum, warmup_steps=self.warmup_steps, **limits
-        )(x)
+        )
+        return norm(x)
 
 
 class Critic(nn.Module):
-    """Q(s, a): concat(s, a) -> norm -> [Dense -> act -> norm] x 2 -> Dense(1).
-
-    With `bn_mode` layernorm (the authors' `-bn 0 -ln 1` runs): concat(s, a) -> [Dense -> LayerNorm ->
-    act] x 2 -> Dense(1), each row normalised over its own features.
-    """
+    """Q(s, a): concat(s, a) -> norm -> [Dense -> act -> norm] x 2 -> Dense(1). With `bn_mode` layernorm (the
+    authors' `-bn 0 -ln 1` runs): concat(s, a) -> [Dense -> LayerNorm -> act] x 2 -> Dense(1)."""
 
     width: int = 2048
     activation: str = "relu"
@@ -335,7 +320,7 @@ class Critic(nn.Module):
     def __call__(self, obs: jax.Array, actions: jax.Array, train: bool) -> jax.Array:
         norm = lambda: Normalization(self.bn_mode, self.bn_momentum, self.bn_warmup_steps)
         x = norm()(jnp.concatenate([obs, actions], axis=-1), train)
-        for _ in range(2):
+        for _ in range(2):  # the hidden layers
             x = nn.Dense(self.width)(x)
             if self.bn_mode == "layernorm":
                 x = nn.LayerNorm()(x)
@@ -344,24 +329,16 @@ class Critic(nn.Module):
 
 
 class CriticEnsemble(Critic):
-    """`n_critics` independent critics, each a Critic with these settings, evaluated in one vectorised call; returns
-    (n_critics, batch)."""
+    """`n_critics` independent Critics with these settings, in one vectorised call: (n_critics, batch)."""
 
     n_critics: int = 2
 
     @nn.compact
     def __call__(self, obs: jax.Array, actions: jax.Array, train: bool) -> jax.Array:
-        ensemble = nn.vmap(
-            Critic,
-            variable_axes={"params": 0, "batch_stats": 0},
-            split_rngs={"params": True},
-            in_axes=None,
-            out_axes=0,
-            axis_size=self.n_critics,
-        )
-        return ensemble(self.width, self.activation, self.bn_mode, self.bn_momentum, self.bn_warmup_steps)(
-            obs, actions, train
-        )
+        vmap = {"variable_axes": {"params": 0, "batch_stats": 0}, "split_rngs": {"params": True}, "in_axes": None}
+        ensemble = nn.vmap(Critic, **vmap, out_axes=0, axis_size=self.n_critics)
+        critic = ensemble(self.width, self.activation, self.bn_mode, self.bn_momentum, self.bn_warmup_steps)
+        return critic(obs, actions, train)
 
 
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
@@ -400,9 +377,7 @@ def sample_tanh_gaussian(mean: jax.Array, log_std: jax.Array, key: jax.Array) ->
 
 
 class BNTrainState(TrainState):
-    """A flax TrainState that also carries the network's running statistics (`batch_stats`)."""
-
-    batch_stats: Any
+    batch_stats: Any  # the network's running statistics, beside its parameters
 
 
 class AgentState(NamedTuple):
@@ -423,8 +398,7 @@ class Metrics(NamedTuple):
     nonfinite_loss: jax.Array  # which loss it was: an index into LOSS_NAMES
 
     @classmethod
-    def initial(cls) -> "Metrics":
-        # Distinct arrays, not one shared zero: the update donates these buffers.
+    def initial(cls) -> "Metrics":  # distinct arrays, not one shared zero: the update donates these buffers
         zeros = [jnp.zeros((), jnp.float32) for _ in range(4)]
         return cls(*zeros, jnp.ones((), jnp.float32), jnp.full((), -1, jnp.int32), jnp.zeros((), jnp.int32))
 
@@ -433,40 +407,31 @@ LOSS_NAMES = ("qf_loss", "actor_loss", "alpha_loss")
 
 
 # ALGO LOGIC: replay buffer, on the device so that sampling happens inside the jitted update
-class ReplayBuffer(NamedTuple):
-    obs: jax.Array
-    actions: jax.Array
-    rewards: jax.Array
-    next_obs: jax.Array
-    terminations: jax.Array  # 1.0 on a true terminal only; time-limit truncations bootstrap
-    position: jax.Array  # where the next transition goes
-    size: jax.Array  # how many slots hold data
-
-    @classmethod
-    def create(cls, capacity: int, obs_dim: int, action_dim: int) -> "ReplayBuffer":
-        zeros = lambda *shape: jnp.zeros(shape, jnp.float32)
-        return cls(
-            obs=zeros(capacity, obs_dim),
-            actions=zeros(capacity, action_dim),
-            rewards=zeros(capacity),
-            next_obs=zeros(capacity, obs_dim),
-            terminations=zeros(capacity),
-            position=jnp.zeros((), jnp.int32),
-            size=jnp.zeros((), jnp.int32),
-        )
-
-
 class Transition(NamedTuple):
     obs: jax.Array
     actions: jax.Array
     rewards: jax.Array
     next_obs: jax.Array
+    terminations: jax.Array  # 1.0 on a true terminal only; time-limit truncations bootstrap
+
+
+class ReplayBuffer(NamedTuple):
+    obs: jax.Array
+    actions: jax.Array
+    rewards: jax.Array
+    next_obs: jax.Array
     terminations: jax.Array
+    position: jax.Array  # where the next transition goes
+    size: jax.Array  # how many slots hold data
+
+    @classmethod
+    def create(cls, capacity: int, obs_dim: int, action_dim: int) -> "ReplayBuffer":
+        rows = [jnp.zeros((capacity, *shape), jnp.float32) for shape in [(obs_dim,), (action_dim,), (), (obs_dim,), ()]]
+        return cls(*rows, position=jnp.zeros((), jnp.int32), size=jnp.zeros((), jnp.int32))
 
 
 def buffer_add(buffer: ReplayBuffer, transition: Transition) -> ReplayBuffer:
-    capacity = buffer.rewards.shape[0]
-    i = buffer.position
+    capacity, i = buffer.rewards.shape[0], buffer.position
     stored = {name: getattr(buffer, name).at[i].set(value) for name, value in transition._asdict().items()}
     return buffer._replace(**stored, position=(i + 1) % capacity, size=jnp.minimum(buffer.size + 1, capacity))
 
@@ -486,8 +451,9 @@ def store_step(buffer: ReplayBuffer, step_data: jax.Array) -> tuple[ReplayBuffer
     """Write the transition of a `pack_step` array to the buffer; hand back its observation for the next action,
     now on the device (a batch of one), so that the step needs no second transfer."""
     obs_dim, action_dim = buffer.obs.shape[1], buffer.actions.shape[1]
-    ends = np.cumsum([obs_dim, action_dim, 2, obs_dim])
-    obs, action, (reward, terminated), next_obs, policy_obs = jnp.split(step_data, ends)
+    obs, action, (reward, terminated), next_obs, policy_obs = jnp.split(
+        step_data, np.cumsum([obs_dim, action_dim, 2, obs_dim])
+    )
     return buffer_add(buffer, Transition(obs, action, reward, next_obs, terminated)), policy_obs[None]
 
 
@@ -505,18 +471,13 @@ def create_agent(args: Args, obs_dim: int, action_dim: int, key: jax.Array) -> A
     actor_vars = jax.jit(actor.init, static_argnames="train")(actor_key, obs, train=False)
     critic_vars = jax.jit(critic.init, static_argnames="train")(critic_key, obs, actions, train=False)
     adam = optax.adam(args.learning_rate, b1=args.adam_b1)
-    return AgentState(
-        actor=BNTrainState.create(
-            apply_fn=actor.apply, params=actor_vars["params"], batch_stats=actor_vars.get("batch_stats", {}), tx=adam
-        ),
-        critic=BNTrainState.create(
-            apply_fn=critic.apply, params=critic_vars["params"], batch_stats=critic_vars.get("batch_stats", {}), tx=adam
-        ),
-        # alpha starts at 1.0; its Adam keeps the default betas.
-        log_alpha=TrainState.create(
-            apply_fn=None, params={"log_alpha": jnp.zeros((), jnp.float32)}, tx=optax.adam(args.learning_rate)
-        ),
+    state = lambda module, v: BNTrainState.create(
+        apply_fn=module.apply, params=v["params"], batch_stats=v.get("batch_stats", {}), tx=adam
     )
+    # alpha starts at 1.0; its Adam keeps the default betas.
+    log_alpha = {"log_alpha": jnp.zeros((), jnp.float32)}
+    log_alpha = TrainState.create(apply_fn=None, params=log_alpha, tx=optax.adam(args.learning_rate))
+    return AgentState(actor=state(actor, actor_vars), critic=state(critic, critic_vars), log_alpha=log_alpha)
 
 
 def variables_of(state: BNTrainState) -> dict:
@@ -563,44 +524,34 @@ def alpha_loss(params: dict, logp: jax.Array, target_entropy: float) -> jax.Arra
 
 def make_train_step(args: Args, action_dim: int):
     """Build the jitted per-env-step program: the step's `utd` CrossQ updates, then the next env step's action.
-
     `train_step(agent, metrics, buffer, keys, obs, phase)` -> (agent, metrics, keys, action for `obs`), where `phase`
-    is the number of the run's critic updates before this step, modulo `policy_delay` (see train()).
-    """
+    is the run's critic updates before this step, modulo `policy_delay` (see train())."""
     target_entropy = -float(action_dim)
 
-    def update_critic(agent: AgentState, metrics: Metrics, batch: Transition, key: jax.Array):
+    def update(carry: tuple, inputs: tuple, with_actor: bool):
+        """A critic update on one batch, then (`with_actor`) an actor and alpha update on its observations."""
+        (agent, metrics), (batch, critic_key, actor_key) = carry, inputs
         (qf_loss, (batch_stats, qf_values)), grads = jax.value_and_grad(critic_loss, has_aux=True)(
-            agent.critic.params, agent, batch, key, args
+            agent.critic.params, agent, batch, critic_key, args
         )
         agent = agent._replace(critic=agent.critic.apply_gradients(grads=grads).replace(batch_stats=batch_stats))
-        return agent, metrics._replace(qf_loss=qf_loss, qf_values=qf_values)
-
-    def update_actor_and_alpha(agent: AgentState, metrics: Metrics, obs: jax.Array, key: jax.Array):
-        (loss, (batch_stats, logp)), grads = jax.value_and_grad(actor_loss, has_aux=True)(
-            agent.actor.params, agent, obs, key
-        )
-        actor_state = agent.actor.apply_gradients(grads=grads).replace(batch_stats=batch_stats)
-        entropy_loss, alpha_grad = jax.value_and_grad(alpha_loss)(agent.log_alpha.params, logp, target_entropy)
-        log_alpha = agent.log_alpha.apply_gradients(grads=alpha_grad)
-        metrics = metrics._replace(
-            actor_loss=loss, alpha_loss=entropy_loss, alpha=jnp.exp(log_alpha.params["log_alpha"])
-        )
-        return agent._replace(actor=actor_state, log_alpha=log_alpha), metrics
+        metrics = metrics._replace(qf_loss=qf_loss, qf_values=qf_values)
+        if with_actor:
+            (loss, (batch_stats, logp)), grads = jax.value_and_grad(actor_loss, has_aux=True)(
+                agent.actor.params, agent, batch.obs, actor_key
+            )
+            actor = agent.actor.apply_gradients(grads=grads).replace(batch_stats=batch_stats)
+            entropy_loss, alpha_grad = jax.value_and_grad(alpha_loss)(agent.log_alpha.params, logp, target_entropy)
+            log_alpha = agent.log_alpha.apply_gradients(grads=alpha_grad)
+            agent = agent._replace(actor=actor, log_alpha=log_alpha)
+            alpha = jnp.exp(log_alpha.params["log_alpha"])
+            metrics = metrics._replace(actor_loss=loss, alpha_loss=entropy_loss, alpha=alpha)
+        return (agent, metrics), jnp.isfinite(jnp.stack([getattr(metrics, name) for name in LOSS_NAMES]))
 
     def updates(carry: tuple, inputs: tuple, with_actor: bool):
-        """A critic update on each batch of `inputs` (batches, critic keys, actor keys), each followed by an actor
-        update on the same batch if `with_actor`; also returns whether each update's losses are finite."""
-
-        def update(carry, inputs):
-            (agent, metrics), (batch, critic_key, actor_key) = carry, inputs
-            agent, metrics = update_critic(agent, metrics, batch, critic_key)
-            if with_actor:
-                agent, metrics = update_actor_and_alpha(agent, metrics, batch.obs, actor_key)
-            return (agent, metrics), jnp.isfinite(jnp.stack([getattr(metrics, name) for name in LOSS_NAMES]))
-
-        # A loop of known length: on a GPU no host round trip (and XLA removes a loop of one update).
-        return jax.lax.scan(update, carry, inputs)
+        """One update per batch of `inputs`, as a loop of known length: on a GPU no host round trip (and XLA removes
+        a loop of one update). Also returns whether each update's losses are finite."""
+        return jax.lax.scan(lambda carry, x: update(carry, x, with_actor), carry, inputs)
 
     def train_step(agent: AgentState, metrics: Metrics, buffer: ReplayBuffer, keys: dict, obs: jax.Array, phase: int):
         # The buffer is only read here: storing happens in its own jitted call, since XLA on CPU copies whole
@@ -611,32 +562,31 @@ def make_train_step(args: Args, action_dim: int):
             jax.vmap(lambda key: jax.random.split(key, 3))(jax.random.split(step_key, args.utd)), 1, 0
         )
         batches = jax.vmap(lambda key: buffer_sample(buffer, key, args.batch_size))(batch_keys)
-        inputs = (batches, critic_keys, actor_keys)
-        take = lambda start, n: jax.tree.map(lambda x: x[start : start + n], inputs)
-        # The actor follows the run's every `policy_delay`-th critic update: after `lead` critic-only updates, then
-        # every `policy_delay`-th. As loops over whole periods, the program keeps its size whatever --utd is.
+        take = lambda start, n: jax.tree.map(lambda x: x[start : start + n], (batches, critic_keys, actor_keys))
+        # Delayed policy updates: the actor follows every `policy_delay`-th critic update of the run, the first after
+        # `lead` critic-only updates of this step, then once a period. A loop over the whole periods: the program
+        # keeps its size whatever --utd is.
         delay, lead = args.policy_delay, min(args.policy_delay - 1 - phase, args.utd)
-        periods, tail = divmod(args.utd - lead - 1, delay) if lead < args.utd else (0, -1)
+        periods, rest = divmod(args.utd - lead, delay)
         carry, finite = (agent, metrics), []
-        for start, n, with_actor in [(0, lead, False), (lead, 1 if tail >= 0 else 0, True)]:
-            if n:
-                carry, run_finite = updates(carry, take(start, n), with_actor)
-                finite.append(run_finite)
-        if periods:  # each: `policy_delay - 1` critic-only updates, then one the actor follows
-            period_inputs = jax.tree.map(
-                lambda x: x.reshape(periods, delay, *x.shape[1:]), take(lead + 1, periods * delay)
-            )
 
-            def period(carry, inputs):
-                carry, critic_finite = updates(carry, jax.tree.map(lambda x: x[:-1], inputs), False)
-                carry, actor_finite = updates(carry, jax.tree.map(lambda x: x[-1:], inputs), True)
-                return carry, jnp.concatenate([critic_finite, actor_finite])
+        def period(carry: tuple, inputs: tuple):  # an update the actor follows, then up to delay - 1 critic-only ones
+            carry, actor_finite = updates(carry, jax.tree.map(lambda x: x[:1], inputs), True)
+            if len(inputs[1]) == 1:
+                return carry, actor_finite
+            carry, critic_finite = updates(carry, jax.tree.map(lambda x: x[1:], inputs), False)
+            return carry, jnp.concatenate([actor_finite, critic_finite])
 
-            carry, periods_finite = jax.lax.scan(period, carry, period_inputs)
+        if lead:
+            carry, lead_finite = updates(carry, take(0, lead), False)
+            finite.append(lead_finite)
+        if periods:
+            inputs = jax.tree.map(lambda x: x.reshape(periods, delay, *x.shape[1:]), take(lead, periods * delay))
+            carry, periods_finite = jax.lax.scan(period, carry, inputs)
             finite.append(periods_finite.reshape(-1, len(LOSS_NAMES)))
-        if tail > 0:
-            carry, run_finite = updates(carry, take(args.utd - tail, tail), False)
-            finite.append(run_finite)
+        if rest:
+            carry, rest_finite = period(carry, take(args.utd - rest, rest))
+            finite.append(rest_finite)
         agent, metrics = carry
         # Remember the first env step with a NaN/inf loss; the host looks at it only when it logs. Every update
         # counts, not only the step's last: at UTD 20 an inf loss in update k leaves the parameters finite but
@@ -663,16 +613,14 @@ def make_train_step(args: Args, action_dim: int):
 @jax.jit
 def explore(actor_state: BNTrainState, obs: jax.Array, explore_key: jax.Array) -> jax.Array:
     """An exploration action sampled from pi (actor in eval mode) with split(explore_key)[1]. The key moves on to
-    split(explore_key)[0] once that action is taken (in the next train_step), so that the key a checkpoint holds
-    is the one the next draw uses."""
+    split(explore_key)[0] once that action is taken (in the next train_step): a checkpoint's key draws next."""
     mean, log_std = actor_state.apply_fn(variables_of(actor_state), obs, train=False)
     return sample_tanh_gaussian(mean, log_std, jax.random.split(explore_key)[1])[0]
 
 
 @jax.jit
 def deterministic_action(actor_state: BNTrainState, obs: jax.Array) -> jax.Array:
-    """The deterministic evaluation action tanh(mean), actor in eval mode."""
-    return jnp.tanh(actor_state.apply_fn(variables_of(actor_state), obs, train=False)[0])
+    return jnp.tanh(actor_state.apply_fn(variables_of(actor_state), obs, train=False)[0])  # tanh(mean), eval mode
 
 
 def evaluate(actor_state: BNTrainState, env: gym.Env, n_episodes: int) -> list[float]:
@@ -692,9 +640,9 @@ def evaluate(actor_state: BNTrainState, env: gym.Env, n_episodes: int) -> list[f
 
 @jax.jit
 def q_bias_pass(agent: AgentState, obs: jax.Array, actions: jax.Array, key: jax.Array) -> tuple:
-    """What --q-bias-freq measures (crossq_utils.py plays the episodes), networks in eval mode: the critics' mean Q
-    of (obs, actions), as Chen et al. and the authors measure it; an action drawn from pi for each obs (with its log
-    pi: Q is soft); and alpha."""
+    """What --q-bias-freq compares (crossq_utils.py plays the episodes), networks in eval mode: the critics' mean Q
+    of (obs, actions), as Chen et al. and the authors measure it; an action from pi for each obs with its log pi (the
+    Q is soft); and alpha."""
     mean_q = agent.critic.apply_fn(variables_of(agent.critic), obs, actions, train=False).mean(axis=0)
     mean, log_std = agent.actor.apply_fn(variables_of(agent.actor), obs, train=False)
     return mean_q, sample_tanh_gaussian(mean, log_std, key), jnp.exp(agent.log_alpha.params["log_alpha"])
@@ -702,17 +650,17 @@ def q_bias_pass(agent: AgentState, obs: jax.Array, actions: jax.Array, key: jax.
 
 # Checks that refuse a bad command line or env in one line (exit 2) before any compute is spent
 INT32_MAX = 2**31 - 1  # env steps, update counters and buffer positions are int32 on the device
-# Each number flag's range: (lowest, highest, whether the lowest is allowed, whether the highest is). Floats are
-# checked as the float32 they become on the device (1e-50 is 0 there, 1e39 inf).
 POSITIVE, NOT_NEGATIVE = (0, INT32_MAX, False, True), (0, INT32_MAX, True, True)
+# Each number flag's range: (lowest, highest, whether the lowest is allowed, whether the highest is); a float is
+# checked as the float32 it becomes on the device (1e-50 is 0 there, 1e39 inf).
 FLAG_RANGES = {
     **dict.fromkeys(["total_timesteps", "batch_size", "critic_width", "actor_width", "utd", "policy_delay"], POSITIVE),
     **dict.fromkeys(["n_critics", "eval_episodes", "log_freq", "q_bias_samples", "q_bias_cutoff"], POSITIVE),
-    **dict.fromkeys(["buffer_size"], POSITIVE),
     **dict.fromkeys(
         ["learning_starts", "bn_warmup_steps", "eval_freq", "checkpoint_freq", "q_bias_freq"], NOT_NEGATIVE
     ),
-    "seed": (0, 2**32 - 1 - 20_000, True, True),  # np.random.seed's limit, less the eval and Q-bias envs' offsets
+    "buffer_size": POSITIVE,
+    "seed": (0, 2**32 - 1 - 30_000, True, True),  # np.random.seed's limit, less the eval and Q-bias envs' offsets
     "gamma": (0.0, 1.0, True, True),
     "learning_rate": (0.0, float("inf"), False, False),
     "adam_b1": (0.0, 1.0, True, False),  # 1 would divide Adam's bias correction by zero
@@ -725,29 +673,27 @@ def check_args(args: Args) -> None:
     """Refuse hyperparameters out of the range their use needs, naming the flag."""
     for name, (low, high, low_ok, high_ok) in FLAG_RANGES.items():
         value = getattr(args, name)
-        x = value if isinstance(value, int) else float(np.float32(value))  # as on the device: 1e39 is inf there
+        x = value if isinstance(value, int) else float(np.float32(value))
         if not ((low < x or (low_ok and x == low)) and (x < high or (high_ok and x == high))):
-            interval = f"{'[('[not low_ok]}{low:g}, {high:g}{'])'[not high_ok]}"
             shown = f"{value}" if x == value else f"{value}, {x} in float32"
+            interval = f"{'[('[not low_ok]}{low:g}, {high:g}{'])'[not high_ok]}"
             raise ConfigError(f"--{name.replace('_', '-')} must lie in {interval} (got {shown})")
     for name, choices in CHOICES.items():
-        if getattr(args, name) not in choices:
-            raise ConfigError(
-                f"--{name.replace('_', '-')} must be one of {', '.join(choices)} (got {getattr(args, name)!r})"
-            )
-    name = args.exp_name  # it names the run's folder and model file
-    if name in ("", ".", "..") or "/" in name or "\0" in name or len(name.encode()) > 200:
-        raise ConfigError(f"--exp-name must make a file name: no '/', not . or .., at most 200 bytes (got {name!r})")
+        if (value := getattr(args, name)) not in choices:
+            raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)} (got {value!r})")
+    if args.exp_name in ("", ".", "..") or "/" in args.exp_name or "\0" in args.exp_name or len(args.exp_name) > 200:
+        raise ConfigError(
+            f"--exp-name must name a file: no '/', not . or .., at most 200 characters ({args.exp_name!r})"
+        )
     if args.critic_activation == "glu" and args.critic_width % 2:
         raise ConfigError(
-            f"--critic-activation glu halves the width: --critic-width must be even (got {args.critic_width})"
+            f"--critic-activation glu halves the width: --critic-width must be even ({args.critic_width})"
         )
     if (updates := args.utd * max(args.total_timesteps - args.learning_starts, 0)) > INT32_MAX:
-        raise ConfigError(f"--utd x (--total-timesteps - --learning-starts) is {updates} updates; at most {INT32_MAX}")
+        raise ConfigError(f"--utd x (--total-timesteps - --learning-starts) is {updates} updates (at most {INT32_MAX})")
     for name in ("learning_starts", "buffer_size"):  # the first update samples a full batch
-        if getattr(args, name) < args.batch_size:
-            flag = name.replace("_", "-")
-            raise ConfigError(f"--{flag} ({getattr(args, name)}) must be at least --batch-size ({args.batch_size})")
+        if (value := getattr(args, name)) < args.batch_size:
+            raise ConfigError(f"--{name.replace('_', '-')} ({value}) must be at least --batch-size ({args.batch_size})")
 
 
 def check_env(env_id: str, render: bool = False) -> tuple[int, int]:
@@ -762,9 +708,10 @@ def check_env(env_id: str, render: bool = False) -> tuple[int, int]:
     except Exception as e:
         if not render:
             raise
+        gl = os.environ.get("MUJOCO_GL", "(unset)")
         raise ConfigError(
-            f"cannot render {env_id} with MUJOCO_GL={os.environ.get('MUJOCO_GL', '(unset)')} ({type(e).__name__}: "
-            f"{e}); without a screen: apt-get install libegl1 libegl-mesa0 libgl1-mesa-dri (docs/evaluation.md)"
+            f"cannot render {env_id} with MUJOCO_GL={gl} ({type(e).__name__}: {e}); without a screen: "
+            "apt-get install libegl1 libegl-mesa0 libgl1-mesa-dri (docs/evaluation.md)"
         ) from None
     actions, observations = env.action_space, env.observation_space
     env.close()
@@ -780,123 +727,100 @@ def check_env(env_id: str, render: bool = False) -> tuple[int, int]:
 
 
 def check_extras(args: Args) -> None:
-    """--track and --capture-video need extra packages; say so before anything runs. Before MuJoCo is imported: a
-    headless machine must render offscreen (EGL), and MuJoCo reads MUJOCO_GL as it is imported."""
+    """--track and --capture-video need extra packages: say so before anything runs. Before MuJoCo is imported: on a
+    headless machine it must render offscreen (EGL), and MuJoCo reads MUJOCO_GL as it is imported."""
     for flag, module in [("track", "wandb"), ("capture_video", "moviepy")]:
-        if getattr(args, flag):
-            try:
-                __import__(module)
-            except ImportError:
-                raise ConfigError(f"--{flag.replace('_', '-')} needs {module}: pip install -r requirements-extras.txt")
+        try:
+            __import__(module) if getattr(args, flag) else None
+        except ImportError:
+            raise ConfigError(
+                f"--{flag.replace('_', '-')} needs {module}: pip install -r requirements-extras.txt"
+            ) from None
     if args.capture_video and sys.platform.startswith("linux") and not os.environ.get("DISPLAY"):
         os.environ.setdefault("MUJOCO_GL", "egl")
 
 
 def check_memory(args: Args, obs_dim: int, action_dim: int) -> None:
     """Refuse a run whose replay buffer and networks (their shapes, by jax.eval_shape: nothing is allocated) exceed
-    the memory where they will live: the RAM available on a CPU, the memory JAX may use on a GPU."""
-    nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
-    buffer = nbytes(jax.eval_shape(lambda: ReplayBuffer.create(args.buffer_size, obs_dim, action_dim)))
-    agent = nbytes(jax.eval_shape(lambda: create_agent(args, obs_dim, action_dim, jax.random.PRNGKey(0))))
+    the memory they will live in: the RAM available on a CPU, the memory JAX may use on a GPU."""
+    nbytes = lambda make: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(make)))
+    buffer = nbytes(lambda: ReplayBuffer.create(args.buffer_size, obs_dim, action_dim))
+    networks = nbytes(lambda: create_agent(args, obs_dim, action_dim, jax.random.PRNGKey(0)))
     device = jax.devices()[0]
-    if device.platform == "cpu":
-        available = host_memory()
+    if device.platform == "cpu" and os.path.exists("/proc/meminfo"):
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
     else:
-        available = (device.memory_stats() or {}).get("bytes_limit")
-    if available is not None and buffer + agent > available:
-        gib = lambda n: f"{n / 2**30:.1f} GiB"
+        available = (device.memory_stats() or {}).get("bytes_limit", float("inf"))
+    if buffer + networks > available:
         raise ConfigError(
-            f"--buffer-size {args.buffer_size} and the networks need ~{gib(buffer)} + ~{gib(agent)}; "
-            f"this {device.device_kind} has {gib(available)} available"
+            f"--buffer-size {args.buffer_size} needs ~{buffer / 2**30:.1f} GiB and the networks ~{networks / 2**30:.1f}"
+            f" GiB; this {device.device_kind} has {available / 2**30:.1f} GiB available"
         )
 
 
-def host_memory() -> int | None:
-    """The bytes of RAM available (/proc/meminfo's MemAvailable; None where the system does not say)."""
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return None
-
-
-# Logging and saving
+# Logging, saving, and stopping a diverged run (exit 1) with a message that names the step
 class SummaryWriter:
-    """The part of torch's SummaryWriter that CleanRL's scripts use, on the `tensorboard` package alone."""
+    """What CleanRL's scripts use of torch's SummaryWriter, on the `tensorboard` package alone."""
 
     def __init__(self, log_dir: str):
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
         self.log_dir, self.events = log_dir, EventFileWriter(log_dir)
 
-    def add_event(self, step: int, **event) -> None:
+    def add_scalar(self, tag: str, value: float, step: int, text: str | None = None) -> None:
         from tensorboard.compat.proto.event_pb2 import Event
-
-        self.events.add_event(Event(wall_time=time.time(), step=step, **event))
-
-    def add_scalar(self, tag: str, value: float, step: int) -> None:
         from tensorboard.compat.proto.summary_pb2 import Summary
-
-        self.add_event(step, summary=Summary(value=[Summary.Value(tag=tag, simple_value=float(value))]))
-
-    def add_text(self, tag: str, text: str) -> None:
         from tensorboard.plugins.text.summary_v2 import text_pb
 
-        self.add_event(0, summary=text_pb(tag, text))
+        summary = text_pb(tag, text) if text else Summary(value=[Summary.Value(tag=tag, simple_value=float(value))])
+        self.events.add_event(Event(wall_time=time.time(), step=step, summary=summary))
+
+    def add_text(self, tag: str, text: str) -> None:
+        self.add_scalar(tag, 0.0, 0, text)
 
     def close(self) -> None:
         self.events.close()
 
 
-def start_logging(args: Args, run_name: str, resumed: bool) -> SummaryWriter:
-    """W&B (--track) and the event writer of runs/{run_name}, with the hyperparameters (a new run's first event)."""
-    if args.track:  # before the writer: wandb syncs TensorBoard by patching the event-file writer it creates
-        import wandb
-
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            sync_tensorboard=True,
-            config=vars(args),
-            name=run_name,
-            save_code=True,
-        )
-    writer = SummaryWriter(f"runs/{run_name}")
-    if not resumed:
-        table = "\n".join(f"|{name}|{value}|" for name, value in vars(args).items())
-        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
-    return writer
-
-
 def save_model(agent: AgentState, args: Args, path: str) -> None:
     """--save-model: the actor and critic (parameters and batch statistics) and the hyperparameters that shape them,
-    through a temporary file renamed over `path` once whole (a kill or a full disk never leaves a partial file).
-    crossq_utils.py's --eval-model reads it back."""
-    model = {"actor": variables_of(agent.actor), "critic": variables_of(agent.critic)}
-    model["args"] = json.dumps(dataclasses.asdict(args))
+    through a temporary file renamed once whole (a kill or a full disk leaves no partial file); --eval-model reads it."""
+    model = {"actor": variables_of(agent.actor), "critic": variables_of(agent.critic), "args": json.dumps(vars(args))}
     with open(path + ".tmp", "wb") as f:
         f.write(flax.serialization.to_bytes(model))
-        f.flush()
         os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
     print(f"model saved to {path}", flush=True)
 
 
-# NaN/inf: the run stops (exit 1) with a message that names the step, and the env or the loss that went wrong
-@jax.jit
-def all_finite(tree) -> jax.Array:
-    return jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]).all()
+all_finite = jax.jit(lambda tree: jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]).all())
 
 
 def check_finite(step: int, agent: AgentState, metrics: Metrics) -> None:
-    """A NaN/inf loss that the update flagged, or NaN/inf in the networks' state; checked where the host reads the
-    state anyway: progress lines, evaluations and checkpoints."""
+    """A NaN/inf loss that the update flagged, or NaN/inf in the networks' state, stops the run; checked where the
+    host reads the state anyway: progress lines, evaluations and checkpoints."""
     if (bad := int(metrics.nonfinite_step)) >= 0:
         loss = LOSS_NAMES[int(metrics.nonfinite_loss)]
         raise FloatingPointError(f"training diverged: losses/{loss} became NaN/inf at env step {bad} (seen at {step})")
     for network in ("actor", "critic"):
         if not bool(all_finite(getattr(agent, network))):
             raise FloatingPointError(f"training diverged: the {network}'s state holds NaN/inf at env step {step}")
+
+
+def start_logging(args: Args, run_name: str) -> SummaryWriter:
+    """W&B (--track) and the TensorBoard writer of runs/{run_name}; a new run's first event: the hyperparameters."""
+    if args.track:  # before the writer: W&B syncs TensorBoard by patching the event writer it creates
+        import wandb
+
+        wandb_run = {"project": args.wandb_project_name, "entity": args.wandb_entity, "name": run_name}
+        wandb.init(**wandb_run, sync_tensorboard=True, config=vars(args), save_code=True)
+    writer = SummaryWriter(f"runs/{run_name}")
+    if not args.resume:
+        table = "\n".join(f"|{name}|{value}|" for name, value in vars(args).items())
+        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    print(f"run {run_name}: logging to runs/{run_name}", flush=True)
+    return writer
 
 
 # ALGO LOGIC: the training loop
@@ -914,7 +838,7 @@ def train(args: Args) -> dict:
     checkpoints = None
     if args.checkpoint_freq or args.resume:  # every check of the checkpoint to resume comes before any compute
         utils = load_utils("--checkpoint-freq" if args.checkpoint_freq else "--resume")
-        checkpoints = utils.Checkpoints(this_script(), args, run_name, obs_dim, action_dim)
+        checkpoints = utils.Checkpoints(THIS, args, run_name, obs_dim, action_dim)
         run_name = checkpoints.run_name  # a resumed run keeps its own
 
     # Seeding: Python and numpy for good measure; the env, its action space and JAX explicitly.
@@ -944,14 +868,13 @@ def train(args: Args) -> dict:
         agent, buffer, metrics, keys, obs = (state[name] for name in ("agent", "buffer", "metrics", "keys", "obs"))
     else:
         obs, _ = env.reset()
-    writer = start_logging(args, run_name, resumed=bool(args.resume))
-    print(f"run {run_name}: logging to runs/{run_name}", flush=True)
+    writer = start_logging(args, run_name)
     # Each learning env step ends with the next step's action, drawn after the step's updates; the first is drawn here.
     if start_step >= args.learning_starts:
         next_action = explore(agent.actor, obs[None].astype(np.float32), keys["explore"])
-    # SPS counts training only (evaluations, Q bias and checkpoints are left out), from the start of its phase:
+    # SPS counts training alone (evaluations, Q bias and checkpoints are left out), from the start of its phase:
     # random actions until learning_starts run far faster than learning.
-    clock_start = time.perf_counter() - train_seconds  # training seconds: time.perf_counter() - clock_start
+    clock_start = time.perf_counter() - train_seconds  # the training seconds are time.perf_counter() - clock_start
     sps_from = (start_step, train_seconds)
 
     try:
@@ -961,9 +884,7 @@ def train(args: Args) -> dict:
                 action = np.asarray(next_action)[0]  # waits for the previous step's device work
                 if not np.isfinite(action).all():
                     check_finite(global_step, agent, metrics)  # names the loss that went NaN/inf first
-                    raise FloatingPointError(
-                        f"training diverged: the policy's action is NaN/inf at env step {global_step}"
-                    )
+                    raise FloatingPointError(f"training diverged: the action is NaN/inf at env step {global_step}")
             else:
                 action = env.action_space.sample()
 
@@ -985,9 +906,8 @@ def train(args: Args) -> dict:
             buffer, device_obs = store(buffer, step_data)
             obs = policy_obs
             if learning:  # this step's updates, then the next step's action: one compiled program, no host wait
-                # Delayed policy updates: the actor follows every `policy_delay`-th critic update of the run. Where
-                # they fall among this step's `utd` updates depends on this phase alone, so it is static: one
-                # program per phase (at most `policy_delay`), and no conditional, which on a GPU stops the host.
+                # Where the actor's updates fall among this step's depends on this phase alone: one compiled program
+                # per phase (at most policy_delay), and no conditional, which on a GPU stops the host until it is met.
                 phase = (global_step - args.learning_starts - 1) * args.utd % args.policy_delay
                 agent, metrics, keys, next_action = train_step(agent, metrics, buffer, keys, device_obs, phase)
             elif global_step == args.learning_starts:
@@ -1018,10 +938,12 @@ def train(args: Args) -> dict:
                 eval_return = float(np.mean(returns))
                 writer.add_scalar("eval/episodic_return", eval_return, global_step)
                 print(
-                    f"step={global_step} eval/episodic_return={eval_return:.1f} +- {np.std(returns):.1f} ({len(returns)} episodes)"
+                    f"step={global_step} eval/episodic_return={eval_return:.1f} +- {np.std(returns):.1f} "
+                    f"({len(returns)} episodes)",
+                    flush=True,
                 )
             if args.q_bias_freq and global_step % args.q_bias_freq == 0:  # the paper's Figures 7 and 17
-                load_utils("--q-bias-freq").log_q_bias(this_script(), writer, agent, args, global_step)
+                load_utils("--q-bias-freq").log_q_bias(THIS, writer, agent, args, global_step)
             if (
                 checkpoints
             ):  # every --checkpoint-freq env steps, at the end, and after SIGTERM or Ctrl-C (then it stops)
@@ -1039,19 +961,14 @@ def train(args: Args) -> dict:
         if checkpoints:
             checkpoints.close()
         if args.track:
-            import wandb
-
-            wandb.finish()
+            sys.modules["wandb"].finish()
     return {"eval_return": eval_return, "run_name": run_name}
 
 
 if __name__ == "__main__":
     try:
         args = parse_args()
-        if args.eval_model:
-            load_utils("--eval-model").evaluate_model(this_script(), args)
-        else:
-            train(args)
+        load_utils("--eval-model").evaluate_model(THIS, args) if args.eval_model else train(args)
     except ConfigError as e:  # a bad command line or env, before any compute
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
