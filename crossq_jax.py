@@ -673,11 +673,19 @@ def check_args(args: Args) -> None:
     """Refuse hyperparameters out of the range their use needs, naming the flag."""
     for name, (low, high, low_ok, high_ok) in FLAG_RANGES.items():
         value = getattr(args, name)
-        x = value if isinstance(value, int) else float(np.float32(value))
-        if not ((low < x or (low_ok and x == low)) and (x < high or (high_ok and x == high))):
-            shown = f"{value}" if x == value else f"{value}, {x} in float32"
-            interval = f"{'[('[not low_ok]}{low:g}, {high:g}{'])'[not high_ok]}"
-            raise ConfigError(f"--{name.replace('_', '-')} must lie in {interval} (got {shown})")
+        with np.errstate(over="ignore"):  # 1e300 is inf in float32: refused below
+            x = value if isinstance(value, int) else float(np.float32(value))
+        if (low < x or (low_ok and x == low)) and (x < high or (high_ok and x == high)):
+            continue
+        if high == INT32_MAX and x > high:
+            rule = f"must be at most {INT32_MAX}, an int32 on the device"
+        elif low == 0 and high in (INT32_MAX, float("inf")):
+            rule = ("must not be negative" if low_ok else "must be positive") + ("" if high_ok else " and finite")
+        else:
+            rule = f"must lie in {'[('[not low_ok]}{low}, {high}{'])'[not high_ok]}".replace(".0,", ",").replace(
+                ".0)", ")"
+            )
+        raise ConfigError(f"--{name.replace('_', '-')} {rule} (got {value}{'' if x == value else f', {x} in float32'})")
     for name, choices in CHOICES.items():
         if (value := getattr(args, name)) not in choices:
             raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)} (got {value!r})")
@@ -746,17 +754,22 @@ def check_memory(args: Args, obs_dim: int, action_dim: int) -> None:
     nbytes = lambda make: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(make)))
     buffer = nbytes(lambda: ReplayBuffer.create(args.buffer_size, obs_dim, action_dim))
     networks = nbytes(lambda: create_agent(args, obs_dim, action_dim, jax.random.PRNGKey(0)))
-    device = jax.devices()[0]
-    if device.platform == "cpu" and os.path.exists("/proc/meminfo"):
-        with open("/proc/meminfo") as f:
-            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
-    else:
-        available = (device.memory_stats() or {}).get("bytes_limit", float("inf"))
+    available, where = available_memory()
     if buffer + networks > available:
-        raise ConfigError(
-            f"--buffer-size {args.buffer_size} needs ~{buffer / 2**30:.1f} GiB and the networks ~{networks / 2**30:.1f}"
-            f" GiB; this {device.device_kind} has {available / 2**30:.1f} GiB available"
-        )
+        flags = f"--critic-width {args.critic_width} with --n-critics {args.n_critics}"
+        need, flags = max((buffer, f"--buffer-size {args.buffer_size}"), (networks, flags))
+        gib = lambda n: f"{n / 2**30:.1f} GiB"
+        raise ConfigError(f"{flags} needs ~{gib(need)} (~{gib(buffer + networks)} in all); {where} {gib(available)}")
+
+
+def available_memory() -> tuple[float, str]:
+    """The bytes the run's arrays may take, and where: the RAM available on a CPU, what JAX may use on a GPU."""
+    device = jax.devices()[0]
+    if device.platform != "cpu":
+        return (device.memory_stats() or {}).get("bytes_limit", float("inf")), f"this {device.device_kind} has"
+    with open("/proc/meminfo") if os.path.exists("/proc/meminfo") else open(os.devnull) as f:
+        available = [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    return (available or [float("inf")])[0], "this machine has RAM available:"
 
 
 # Logging, saving, and stopping a diverged run (exit 1) with a message that names the step
@@ -785,7 +798,8 @@ class SummaryWriter:
 
 def save_model(agent: AgentState, args: Args, path: str) -> None:
     """--save-model: the actor and critic (parameters and batch statistics) and the hyperparameters that shape them,
-    through a temporary file renamed once whole (a kill or a full disk leaves no partial file); --eval-model reads it."""
+    through a temporary file renamed once whole (a kill or a full disk leaves no partial file). --eval-model reads it.
+    """
     model = {"actor": variables_of(agent.actor), "critic": variables_of(agent.critic), "args": json.dumps(vars(args))}
     with open(path + ".tmp", "wb") as f:
         f.write(flax.serialization.to_bytes(model))

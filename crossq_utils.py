@@ -46,9 +46,10 @@ def script_name(script: types.ModuleType) -> str:
 # The command line of a saved run: --resume takes the checkpoint's flags, --eval-model the saved run's
 # ---------------------------------------------------------------------------------------------------------------------
 def saved_run_args(script: types.ModuleType, args: Any, argv: list[str], word: str | None) -> Any:
-    """The Args of `argv` (the command line after its preset word, `word`; `args` as parsed without a saved run). With --resume, a flag not given takes
-    the checkpoint's value, a preset word stands for its values (as on the command line that started the run), and
-    what may not change is checked; with --eval-model, only the flags that apply to it may be given."""
+    """The Args of `argv` (the command line after its preset word, `word`; `args`: as parsed without a saved run).
+    With --resume, a flag not given takes the checkpoint's value, a preset word stands for its values (as on the
+    command line that started the run), and what may not change is checked; with --eval-model, only the flags that
+    apply to it may be given."""
     Args, ConfigError = script.Args, script.ConfigError
     given = given_flags(script, argv)
     if "eval_model" in given:
@@ -222,9 +223,9 @@ class Checkpoints:
         """Write the checkpoint every --checkpoint-freq env steps, at the last step, and after a signal (then raise
         Preempted: the run ends)."""
         args = self.args
-        if not (step % args.checkpoint_freq == 0 if args.checkpoint_freq else False) and self.signum is None:
-            if step != args.total_timesteps:
-                return
+        due = (args.checkpoint_freq and step % args.checkpoint_freq == 0) or step == args.total_timesteps
+        if not due and self.signum is None:
+            return
         self.script.check_finite(step, state["agent"], state["metrics"])  # never replace a good one with NaN
         arrays = {**state, "buffer": filled_part(state["buffer"]), "episode_actions": env.episode_actions()}
         host_state = {

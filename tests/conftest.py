@@ -107,8 +107,8 @@ def learning_steps(module, args, agent, buffer, n_steps: int, metrics=None, seed
     keys = {"update": jax.random.PRNGKey(seed), "explore": jax.random.PRNGKey(seed + 1)}
     obs = np.zeros((1, buffer.obs.shape[1]), np.float32)
     for step in range(args.learning_starts + 1, args.learning_starts + n_steps + 1):
-        actor_updates = module.actor_update_pattern(args, step)
-        agent, metrics, keys, _ = train_step(agent, metrics, buffer, keys, obs, actor_updates)
+        phase = (step - args.learning_starts - 1) * args.utd % args.policy_delay  # as train() computes it
+        agent, metrics, keys, _ = train_step(agent, metrics, buffer, keys, obs, phase)
         yield agent, metrics
 
 
@@ -120,9 +120,13 @@ def train_steps(module, args, agent, buffer, n_steps: int = 1, metrics=None, see
 def fake_checkpoint(module, path: Path, args) -> str:
     """A checkpoint of `module` holding only the host state that parse_args reads (the run's args, and the
     entries every checkpoint has), no arrays: enough for --resume's parsing and its refusals."""
-    host_state = {"script": module.SCRIPT_NAME, "args": dataclasses.asdict(args), "run_name": "fake", "global_step": 0}
+    import crossq_utils
+
+    script = crossq_utils.script_name(module)
+    host_state = {"script": script, "args": dataclasses.asdict(args), "run_name": "fake", "global_step": 0}
     host_state |= {"train_seconds": 0.0, "eval_return": float("nan"), "rngs": {}, "episode_start_rng": None}
-    module.write_checkpoint(str(path), {}, host_state)
+    host_state |= {"episodic_return": float("nan")}
+    crossq_utils.write_checkpoint(module, str(path), {}, host_state)
     return str(path)
 
 
@@ -172,6 +176,7 @@ def run_script(
 MAIN_WITH_EACH = r"""
 import contextlib, io, json, os, resource, runpy, signal, sys, traceback
 script, inputs = sys.argv[1], json.loads(sys.argv[2])
+sys.path.insert(0, os.path.dirname(script))  # as `python script.py` puts it first: crossq_utils.py is found there
 # Should a refusal regress, the run would try to take terabytes or train for hours: let it fail
 # inside 8 GiB and 120 s instead of taking the memory and time of the machine the tests share.
 resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
