@@ -167,7 +167,7 @@ class Checkpoints:
             path = os.path.dirname(path)
         free = shutil.disk_usage(path).free
         if free < needed:
-            gb = lambda n: f"{n / 1e9:.3g} GB" if n >= 1e7 else f"{n / 1e6:.3g} MB"
+            gb = lambda n: f"{n / 1e9:.3g} GB" if n >= 1e7 else f"{n / 1e6:.3g} MB"  # never "0.0 GB"
             raise script.ConfigError(f"{path} has {gb(free)} free; two checkpoints of this run need {gb(needed)}")
 
     def recorder(self, env: gym.Env) -> "EpisodeRecorder":
@@ -364,7 +364,7 @@ def read_checkpoint(script: types.ModuleType, path: str, with_arrays: bool = Tru
             names = [name for name in data.files if name != "__host_state__"] if with_arrays else []
             arrays = {name: data[name] for name in names}
     except Exception as e:  # a truncated or foreign file fails in many ways inside zipfile and numpy
-        raise ConfigError(f"{path} is not a checkpoint ({type(e).__name__})") from None
+        raise ConfigError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
     if not isinstance(host_state, dict):
         raise ConfigError(f"{path} is not a readable checkpoint (its host state is not a JSON object)")
     if host_state.get("script") != script_name(script):
