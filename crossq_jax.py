@@ -706,7 +706,8 @@ def check_args(args: Args) -> None:
 
 def check_env(env_id: str, render: bool = False) -> tuple[int, int]:
     """Refuse an env the agent cannot drive (unknown id or module, discrete or unbounded actions, observations that
-    do not flatten); with `render` (--capture-video), one that cannot draw a frame. Returns (obs_dim, action_dim)."""
+    do not flatten, a reset or step that breaks); with `render` (--capture-video), one that cannot draw a frame.
+    Returns (obs_dim, action_dim)."""
     try:
         env = gym_make(env_id, **({"render_mode": "rgb_array"} if render else {}))
         if render and env.reset(seed=0) and np.ndim(env.render()) != 3:
@@ -722,7 +723,6 @@ def check_env(env_id: str, render: bool = False) -> tuple[int, int]:
             "apt-get install libegl1 libegl-mesa0 libgl1-mesa-dri (docs/evaluation.md)"
         ) from None
     actions, observations = env.action_space, env.observation_space
-    env.close()
     box = isinstance(actions, gym.spaces.Box)
     if not box or len(actions.shape) != 1 or actions.shape[0] == 0:
         what = f"actions of shape {actions.shape}" if box else f"a {type(actions).__name__} action space"
@@ -731,6 +731,12 @@ def check_env(env_id: str, render: bool = False) -> tuple[int, int]:
         raise ConfigError(f"{env_id} has unbounded action bounds or low >= high; the agent needs finite low < high")
     if observations.shape[0] == 0:
         raise ConfigError(f"{env_id} has empty observations (shape {observations.shape})")
+    try:  # once what the loop does with it: a malformed env is refused now, not after the first compile
+        obs, (next_obs, reward, *_) = env.reset(seed=0)[0], env.step(actions.sample())
+        assert np.shape(obs) == np.shape(next_obs) == observations.shape and np.ndim(reward) == 0, "malformed output"
+    except Exception as e:
+        raise ConfigError(f"{env_id} does not reset and step as its spaces say ({type(e).__name__}: {e})") from None
+    env.close()
     return observations.shape[0], actions.shape[0]
 
 
@@ -828,7 +834,12 @@ def start_logging(args: Args, run_name: str) -> SummaryWriter:
         import wandb
 
         wandb_run = {"project": args.wandb_project_name, "entity": args.wandb_entity, "name": run_name}
-        wandb.init(**wandb_run, sync_tensorboard=True, config=vars(args), save_code=True)
+        try:
+            wandb.init(**wandb_run, sync_tensorboard=True, config=vars(args), save_code=True)
+        except Exception as e:  # not logged in, no network, a bad entity ...
+            reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+            message = f"--track: W&B could not start a run ({reason}); `wandb login`, or WANDB_MODE=offline"
+            raise ConfigError(message) from None
     writer = SummaryWriter(f"runs/{run_name}")
     if not args.resume:
         table = "\n".join(f"|{name}|{value}|" for name, value in vars(args).items())
@@ -979,7 +990,31 @@ def train(args: Args) -> dict:
     return {"eval_return": eval_return, "run_name": run_name}
 
 
+class Stdout:
+    """stdout that, once its reader has gone (`python crossq_jax.py ... | head`), drops what follows instead of
+    ending the run at its next line."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+    def write(self, text: str) -> int:
+        return self.call("write", text) or len(text)
+
+    def flush(self) -> None:
+        self.call("flush")
+
+    def call(self, method: str, *args: Any) -> Any:
+        try:
+            return getattr(self.stream, method)(*args)
+        except BrokenPipeError:  # into /dev/null from now on (Python's own flush at exit would fail too)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+
+
 if __name__ == "__main__":
+    sys.stdout = Stdout(sys.stdout)
     try:
         args = parse_args()
         load_utils("--eval-model").evaluate_model(THIS, args) if args.eval_model else train(args)

@@ -455,6 +455,8 @@ def read_saved_model(script: types.ModuleType, path: str) -> tuple[Any, dict, st
             path = os.path.join(path, CHECKPOINT_FILE)
         else:
             raise ConfigError(f"{path} holds neither a model saved with --save-model nor a {CHECKPOINT_FILE}")
+    if not path.endswith((MODEL_SUFFIX, ".npz")):
+        raise ConfigError(f"{path} is neither a model saved with --save-model ({MODEL_SUFFIX}) nor a checkpoint")
     run_dir = os.path.dirname(os.path.abspath(path))
     if path.endswith(MODEL_SUFFIX):
         try:
