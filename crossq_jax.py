@@ -188,7 +188,11 @@ def gym_make(env_id: str, **kwargs) -> gym.Env:
             env = gym.wrappers.FlattenObservation(env)
         except Exception:  # a space gymnasium cannot flatten (a custom one)
             env = None
-        if env is None or not isinstance(env.observation_space, gym.spaces.Box) or env.observation_space.ndim != 1:
+        if (
+            env is None
+            or not isinstance(env.observation_space, gym.spaces.Box)
+            or len(env.observation_space.shape) != 1
+        ):
             raise ConfigError(f"{env_id} has observations of {space}, which do not flatten into a vector")
     return env
 

@@ -145,13 +145,19 @@ class Checkpoints:
             signal.signal(sig, handler)
 
     def check_model_is_not_newer(self) -> None:
-        """A checkpoint that an ended run left behind its model (a run stopped, resumed and finished elsewhere) would
-        train the same steps again and overwrite the model: refused."""
+        """A checkpoint older than the model beside it (a run stopped, resumed elsewhere to its end, and the old
+        checkpoint put back) would train the same steps again and overwrite the model: refused. The model holds the
+        hyperparameters it was saved with, its last step among them."""
         model = os.path.join(self.dir, self.saved["args"]["exp_name"] + MODEL_SUFFIX)
-        if os.path.exists(model) and os.path.getmtime(model) > os.path.getmtime(checkpoint_file(self.args.resume)):
+        try:
+            with open(model, "rb") as f:
+                saved_at = json.loads(flax.serialization.msgpack_restore(f.read())["args"])["total_timesteps"]
+        except Exception:  # no model, or one saved before models held their hyperparameters
+            return
+        if saved_at > self.saved["global_step"]:
             raise self.script.ConfigError(
-                f"{model} was saved after this checkpoint (env step {self.saved['global_step']}): the run went on "
-                "past it; move the model away to train from the checkpoint anyway"
+                f"{model} was saved after this checkpoint (env step {self.saved['global_step']}), at env step "
+                f"{saved_at}: resuming would train those steps again; move the model away to do it anyway"
             )
 
     def check_disk(self, obs_dim: int, action_dim: int) -> None:

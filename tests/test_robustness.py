@@ -1,38 +1,51 @@
-"""Nothing lost, nothing misblamed: the end of a run, files that fail to write, signals during the start-up, the envs
-the checks let through, and command lines that do not parse. Every script gets every test. (Refusals of flags are
-in test_refusals.py, of checkpoints and edited files in test_checkpointing.py, envs that return NaN/inf in
-test_scripts.py.)"""
+"""Nothing lost, nothing misblamed: the end of a run, files that fail to write, the training clock, signals during
+the start-up, output into a closed pipe, the envs the checks let through, and command lines that do not parse. Every
+script gets every test. (Refusals of flags are in test_refusals.py, of checkpoints and edited files in
+test_checkpointing.py, envs that return NaN/inf in test_scripts.py.)"""
 
 import dataclasses
 import errno
 import os
 import re
+import shutil
 import signal
-import warnings
+import time
 
 import gymnasium as gym
 import jax
 import numpy as np
 import pytest
-from conftest import SCRIPTS, module_of, run_dirs, run_main_with_each, run_script, start_script
+from conftest import (
+    SCRIPTS,
+    module_of,
+    read_scalars,
+    run_dirs,
+    run_main_with_each,
+    run_script,
+    start_script,
+)
+
+import crossq_utils
 
 TINY = {"env_id": "Pendulum-v1", "critic_width": 16, "actor_width": 16, "batch_size": 32, "buffer_size": 1000}
 TINY |= {"learning_starts": 100, "eval_freq": 0, "eval_episodes": 1, "log_freq": 100}
 
 
 def tiny_args(script: str, **overrides):
-    return dataclasses.replace(module_of(script).Args(), **TINY, **overrides)
+    return dataclasses.replace(module_of(script).Args(), **{**TINY, **overrides})
 
 
 # ---------------------------------------------------------------------------------------------
-# The end of a run
+# The end of a run, and checkpoints that a finished run left behind
 # ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_a_signal_during_the_final_evaluation_still_leaves_the_model_and_a_checkpoint(script, tmp_path, monkeypatch):
-    """SIGTERM while the last evaluation runs: the evaluation and the model are finished and a checkpoint is written
-    (nothing else is left to do). Then, with the model lost, the checkpoint resumes only to write it again."""
+def test_a_signal_during_the_final_evaluation_still_leaves_the_model_and_a_checkpoint_of_the_end(
+    script, tmp_path, monkeypatch
+):
+    """SIGTERM while the last evaluation runs: the evaluation, the checkpoint of the last step and the model are all
+    written (nothing else is left to do); that checkpoint resumes only to train past the run's end."""
     module = module_of(script)
     monkeypatch.chdir(tmp_path)
     real_evaluate = module.evaluate
@@ -42,82 +55,91 @@ def test_a_signal_during_the_final_evaluation_still_leaves_the_model_and_a_check
         return real_evaluate(*inputs)
 
     monkeypatch.setattr(module, "evaluate", evaluate_interrupted)
-    result = module.train(tiny_args(script, total_timesteps=200, save_model=True))
+    result = module.train(tiny_args(script, total_timesteps=200, save_model=True, checkpoint_freq=150))
     (run_dir,) = run_dirs(tmp_path)
-    model = run_dir / f"{module.Args().exp_name}{module.MODEL_SUFFIX}"
+    model = run_dir / f"{module.Args().exp_name}{crossq_utils.MODEL_SUFFIX}"
     assert np.isfinite(result["eval_return"]) and model.exists()
-    assert module.read_checkpoint(str(run_dir), with_arrays=False)[1]["global_step"] == 200
+    assert crossq_utils.read_checkpoint(module, str(run_dir), with_arrays=False)[1]["global_step"] == 200
     monkeypatch.setattr(module, "evaluate", real_evaluate)
-
-    model.unlink()  # as if the process had died while writing it
-    assert module.train(module.parse_args(["--resume", str(run_dir)]))["eval_return"] == result["eval_return"]
-    assert model.exists()
-    with pytest.raises(module.ConfigError, match="run is complete at env step 200"):
+    with pytest.raises(module.ConfigError, match="at env step 200, where its run is complete"):
         module.train(module.parse_args(["--resume", str(run_dir)]))
+    assert module.train(module.parse_args(["--resume", str(run_dir), "--total-timesteps", "250"]))["eval_return"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_a_write_that_fails_is_one_line_and_leaves_no_partial_file(script, tmp_path, monkeypatch):
-    """A full disk while the model, a checkpoint or the TensorBoard events are written: one line naming the file and
-    the reason, the earlier file (or none) in place, no temporary file left."""
+def test_a_checkpoint_older_than_the_model_beside_it_is_refused(script, tmp_path, monkeypatch):
+    """A run stopped at a checkpoint, resumed elsewhere to its end and saved, then that older checkpoint put back: it
+    would train the same steps again and overwrite the model. Refused, naming the model."""
+    module = module_of(script)
+    monkeypatch.chdir(tmp_path)
+    module.train(tiny_args(script, total_timesteps=200, save_model=True, checkpoint_freq=100))
+    (run_dir,) = run_dirs(tmp_path)
+    old = tmp_path / "old.npz"
+    shutil.copy2(run_dir / crossq_utils.CHECKPOINT_FILE, old)  # keeps its time stamp
+    time.sleep(0.01)
+    module.train(module.parse_args(["--resume", str(run_dir), "--total-timesteps", "300"]))  # a new model
+    shutil.copy2(old, run_dir / crossq_utils.CHECKPOINT_FILE)
+    with pytest.raises(module.ConfigError, match=r"crossq_model was saved after this checkpoint \(env step 200\)"):
+        module.train(module.parse_args(["--resume", str(run_dir), "--total-timesteps", "400"]))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_write_that_fails_leaves_the_previous_file_and_says_why(script, tmp_path, monkeypatch):
+    """A full disk while the model or a checkpoint is written: the earlier file stays in place, whole, and the error
+    names the reason (a checkpoint's also the file, in one line)."""
     module = module_of(script)
     args = tiny_args(script)
     agent = module.create_agent(args, 3, 1, jax.random.PRNGKey(0))
-    module.save_model(agent, str(tmp_path), "good")
-    good = (tmp_path / f"good{module.MODEL_SUFFIX}").read_bytes()
+    path = str(tmp_path / f"good{crossq_utils.MODEL_SUFFIX}")
+    module.save_model(agent, args, path)
+    good = (tmp_path / f"good{crossq_utils.MODEL_SUFFIX}").read_bytes()
 
     def full_disk(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(module.os, "fsync", full_disk)
-    with pytest.raises(module.ConfigError, match=r"cannot write the model .*good\.crossq_model: No space left"):
-        module.save_model(agent, str(tmp_path), "good")
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        module.save_model(agent, args, path)
     with pytest.raises(module.ConfigError, match=r"cannot write checkpoint .*checkpoint\.npz: No space left"):
-        module.write_checkpoint(str(tmp_path / "checkpoint.npz"), {"x": np.zeros(3)}, {"script": "x"})
-    assert (tmp_path / f"good{module.MODEL_SUFFIX}").read_bytes() == good
-    assert sorted(path.name for path in tmp_path.iterdir()) == [f"good{module.MODEL_SUFFIX}"]
+        crossq_utils.write_checkpoint(module, str(tmp_path / "checkpoint.npz"), {"x": np.zeros(3)}, {"script": "x"})
     monkeypatch.undo()
-
-    writer = module.SummaryWriter(str(tmp_path / "events"))
-    monkeypatch.setattr(writer._writer, "add_event", full_disk)
-    with pytest.raises(module.ConfigError, match=r"cannot write TensorBoard events to .*events: No space left"):
-        writer.add_scalar("charts/SPS", 1.0, 1)
+    assert (tmp_path / f"good{crossq_utils.MODEL_SUFFIX}").read_bytes() == good
+    assert not (tmp_path / "checkpoint.npz").exists() and not (tmp_path / "checkpoint.npz.tmp").exists()
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_the_training_clock_leaves_out_pauses_goes_on_from_a_checkpoint_and_estimates_the_time_left(
-    script, monkeypatch
-):
-    """SPS and a checkpoint's train_seconds count training only: a resumed run's 50 s, then 10 s of training, a
-    30 s pause (an evaluation), 5 s more: 65 s. The ETA extrapolates the pace since the first learning line."""
+def test_training_seconds_leave_out_evaluations_and_go_on_from_a_checkpoint(script, tmp_path, monkeypatch):
+    """charts/train_seconds counts training only: each evaluation here takes 1000 s of a patched clock, and none of
+    them counts. A resumed run goes on from its checkpoint's seconds. SPS counts the learning phase alone."""
     module = module_of(script)
-    now = [1000.0]
-    monkeypatch.setattr(module.time, "perf_counter", lambda: now[0])
-    clock = module.TrainClock(total_steps=1000, seconds_so_far=50.0)
-    now[0] += 7.0  # the start-up (compiling) before training() starts the clock
-    clock.start()
-    now[0] += 10.0
-    with clock.paused():
-        assert clock.trained == 60.0
-        now[0] += 30.0
-    now[0] += 5.0
-    assert clock.seconds() == 65.0
-    assert clock.eta(100, learning=False) == "?" and clock.eta(200, learning=True) == "?"  # random actions; the mark
-    now[0] += 90.0  # 100 steps in 90 s: 700 steps to go
-    assert clock.eta(300, learning=True) == "0:10:30"
-    assert clock.eta(1000, learning=True) == "0:00:00"
+    monkeypatch.chdir(tmp_path)
+    offset, real_evaluate, real_perf_counter = [0.0], module.evaluate, time.perf_counter
+
+    def slow_evaluate(*inputs):
+        offset[0] += 1000.0
+        return real_evaluate(*inputs)
+
+    monkeypatch.setattr(module, "evaluate", slow_evaluate)
+    monkeypatch.setattr(module.time, "perf_counter", lambda: real_perf_counter() + offset[0])
+    module.train(tiny_args(script, total_timesteps=300, eval_freq=100, checkpoint_freq=300))
+    (run_dir,) = run_dirs(tmp_path)
+    module.train(module.parse_args(["--resume", str(run_dir), "--total-timesteps", "400"]))
+    monkeypatch.undo()
+    seconds = dict(read_scalars(run_dir)["charts/train_seconds"])
+    assert 0 < seconds[100] < seconds[200] < seconds[300] < seconds[400] < 500, seconds  # 4000 s of evaluations
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_a_resumed_run_prints_the_last_episodes_return_not_nan(script, tmp_path, capsys, monkeypatch):
+def test_a_resumed_run_prints_the_last_episodes_return_and_a_fresh_one_a_dash(script, tmp_path, capsys, monkeypatch):
     module = module_of(script)
     monkeypatch.chdir(tmp_path)
     module.train(tiny_args(script, total_timesteps=300, checkpoint_freq=300))
+    first = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step=100 SPS=")]
+    assert first and "episodic_return=- " in first[0], first  # no episode has ended yet (Pendulum's are 200 steps)
     (run_dir,) = run_dirs(tmp_path)
-    capsys.readouterr()
     module.train(module.parse_args(["--resume", str(run_dir), "--total-timesteps", "400"]))
     (progress,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step=400 SPS=")]
-    assert "episodic_return=nan" not in progress and "episodic_return=-" in progress, progress
+    assert "nan" not in progress and re.search(r"episodic_return=-\d+\.\d ", progress), progress
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,45 +197,39 @@ def test_an_env_either_runs_on_flattened_observations_or_is_refused_in_one_line(
 
 
 # ---------------------------------------------------------------------------------------------
-# Signals while the first programs compile; command lines and platforms that cannot run
+# Signals while the first programs compile, output into a closed pipe; command lines and platforms that cannot run
 # ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_ctrl_c_while_the_first_programs_compile_waits_for_a_safe_point(script, tmp_path, monkeypatch):
-    """Python's KeyboardInterrupt, raised inside JAX's compiler, can crash the interpreter at exit (a segfault). The
-    scripts take SIGINT/SIGTERM from their start (as `__main__` does here) and stop at the next safe point: before
-    training starts (nothing to save), after the episode of --eval-model, after an env step (with a checkpoint)."""
+def test_a_signal_while_the_first_programs_compile_leaves_a_checkpoint_that_resumes(script, tmp_path, monkeypatch):
+    """With checkpoints on, SIGINT and SIGTERM are taken from the start of the run (Python's KeyboardInterrupt, raised
+    inside JAX's compiler, can crash the interpreter): a signal while the networks' initialisation compiles stops the
+    run after its first step, with a checkpoint that resumes."""
     module = module_of(script)
     monkeypatch.chdir(tmp_path)
     real_create_agent = module.create_agent
 
-    def create_agent_interrupted(*inputs):  # Ctrl-C while the networks' initialisation compiles
-        if not module.STOP_SIGNAL:  # once: a second Ctrl-C exits at once (the memory check traces it too)
+    def create_agent_interrupted(*inputs):
+        if not isinstance(inputs[-1], jax.core.Tracer):  # the run's agent, not the memory check's shapes
             os.kill(os.getpid(), signal.SIGINT)
+            monkeypatch.setattr(module, "create_agent", real_create_agent)
         return real_create_agent(*inputs)
 
-    restore_handlers = module.catch_signals()
-    try:
-        monkeypatch.setattr(module, "create_agent", create_agent_interrupted)
-        with pytest.raises(module.Preempted, match="stopped by SIGINT; before training started, nothing to save"):
-            module.train(tiny_args(script, total_timesteps=200, exp_name="interrupted"))
-        monkeypatch.setattr(module, "create_agent", real_create_agent)
-        model_run_dir = (
-            tmp_path / "runs" / module.train(tiny_args(script, total_timesteps=200, save_model=True))["run_name"]
-        )
-        monkeypatch.setattr(module, "create_agent", create_agent_interrupted)
-        with pytest.raises(module.Preempted, match="stopped by SIGINT; before training started"):
-            module.evaluate_model(module.parse_args(["--eval-model", str(model_run_dir), "--eval-episodes", "3"]))
-    finally:
-        restore_handlers()
+    monkeypatch.setattr(module, "create_agent", create_agent_interrupted)
+    with pytest.raises(crossq_utils.Preempted) as stopped:
+        module.train(tiny_args(script, total_timesteps=200, checkpoint_freq=100))
+    assert stopped.value.code == 128 + signal.SIGINT and "stopped by SIGINT" in stopped.value.message
+    (run_dir,) = run_dirs(tmp_path)
+    assert crossq_utils.read_checkpoint(module, str(run_dir), with_arrays=False)[1]["global_step"] == 1
+    assert np.isfinite(module.train(module.parse_args(["--resume", str(run_dir)]))["eval_return"])
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_ctrl_c_as_the_loop_starts_compiling_exits_with_a_checkpoint_and_no_traceback(script, tmp_path):
     flags = ["--env-id", "Pendulum-v1", "--learning-starts", "32", "--batch-size", "32", "--total-timesteps", "5000"]
     flags += ["--critic-width", "16", "--actor-width", "16", "--buffer-size", "1000", "--eval-freq", "0"]
-    process = start_script(script, *flags, cwd=tmp_path)
+    process = start_script(script, *flags, "--checkpoint-freq", "1000", cwd=tmp_path)
     for line in process.stdout:  # the loop starts: its first calls compile the store and the update
         if "logging to" in line:
             process.send_signal(signal.SIGINT)
@@ -221,55 +237,57 @@ def test_ctrl_c_as_the_loop_starts_compiling_exits_with_a_checkpoint_and_no_trac
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 128 + signal.SIGINT, stderr
     assert "Traceback" not in stderr and stderr.splitlines()[-1].startswith("stopped by SIGINT; "), stderr
+    assert "--resume runs/" in stderr.splitlines()[-1]
+
+    process = start_script(script, *flags, cwd=tmp_path)  # without checkpoints: one line, exit 130
+    for line in process.stdout:
+        if line.startswith("step="):
+            process.send_signal(signal.SIGINT)
+            break
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130 and stderr.strip() == "interrupted", stderr
 
 
-PARSE_ERRORS = {  # tyro's error boxes, each as one line naming what is wrong
-    "not-an-int": (["--seed", "x"], "Error parsing --seed"),
-    "unknown-flag": (["--no-such-flag", "3"], "Unrecognized options: --no-such-flag"),
-    "missing-value": (["--total-timesteps"], "Missing value for argument '--total-timesteps'"),
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_closed_stdout_neither_ends_the_run_nor_loses_its_checkpoint(script, tmp_path):
+    """`python script.py ... | head -2`: the reader goes after two lines; the run goes on to its end and its checkpoint,
+    silently. `--help | head -1` ends without a traceback."""
+    flags = ["--env-id", "Pendulum-v1", "--learning-starts", "100", "--batch-size", "32", "--total-timesteps", "600"]
+    flags += ["--critic-width", "16", "--actor-width", "16", "--buffer-size", "1000", "--eval-freq", "0"]
+    flags += ["--log-freq", "50", "--eval-episodes", "1", "--checkpoint-freq", "300", "--save-model"]
+    for argv in [flags, ["--help"]]:
+        process = start_script(script, *argv, cwd=tmp_path)
+        process.stdout.readline()
+        process.stdout.close()  # the reader has gone
+        stderr = process.stderr.read()
+        assert process.wait(timeout=300) == 0 and "Traceback" not in stderr, stderr
+    (run_dir,) = run_dirs(tmp_path)
+    assert crossq_utils.read_checkpoint(module_of(script), str(run_dir), with_arrays=False)[1]["global_step"] == 600
+    assert (run_dir / f"{module_of(script).Args().exp_name}{crossq_utils.MODEL_SUFFIX}").exists()
+
+
+PARSE_ERRORS = {  # tyro's own messages, as tyro prints them
+    "not-an-int": (["--seed", "x"], "--seed"),
+    "unknown-flag": (["--no-such-flag", "3"], "--no-such-flag"),
+    "missing-value": (["--total-timesteps"], "--total-timesteps"),
 }
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_a_command_line_that_does_not_parse_is_one_line(script, tmp_path):
+def test_a_command_line_that_does_not_parse_is_tyros_message_and_exit_2(script, tmp_path):
     results = run_main_with_each(script, {name: argv for name, (argv, _) in PARSE_ERRORS.items()}, cwd=tmp_path)
-    for name, (_, message) in PARSE_ERRORS.items():
+    for name, (_, flag) in PARSE_ERRORS.items():
         assert results[name]["status"] == 2, results[name]["stderr"]
-        (line,) = results[name]["stderr"].splitlines()
-        assert line.startswith("error: ") and message in line and line.endswith("(see --help)"), line
+        assert flag in results[name]["stderr"] and "Traceback" not in results[name]["stderr"]
         assert results[name]["new"] == []
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_track_without_a_wandb_login_and_a_platform_jax_cannot_start_are_one_line(script, tmp_path):
+def test_track_without_a_wandb_login_is_one_line(script, tmp_path):
     no_login = {"HOME": str(tmp_path), "WANDB_MODE": "online", "WANDB_API_KEY": "", "WANDB_DIR": str(tmp_path)}
-    result = run_script(script, "--track", "--total-timesteps", "100", cwd=tmp_path, env=no_login, timeout=300)
+    flags = ["--track", "--env-id", "Pendulum-v1", "--critic-width", "16", "--total-timesteps", "100"]
+    result = run_script(script, *flags, cwd=tmp_path, env=no_login, timeout=300)
     assert result.returncode == 2, result.stderr
     (line,) = result.stderr.splitlines()
     assert line.startswith("error: --track: W&B could not start a run"), line
     assert run_dirs(tmp_path) == []
-
-    result = run_script(script, cwd=tmp_path, env={"JAX_PLATFORMS": "no-such-platform"}, timeout=300)
-    assert result.returncode == 2, result.stderr
-    (line,) = result.stderr.splitlines()
-    assert line.startswith("error: JAX cannot start (JAX_PLATFORMS='no-such-platform')"), line
-
-
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_mujoco_warnings_come_as_python_warnings_without_a_log_file(script, tmp_path, monkeypatch):
-    """MuJoCo 4 warns, at every HalfCheetah-v4 made, that its model uses the deprecated `settotalmass`, and appends
-    the warning to MUJOCO_LOG.TXT in the working folder: that one is dropped, the others become Python warnings."""
-    import mujoco
-
-    module = module_of(script)
-    monkeypatch.chdir(tmp_path)
-    module.gym_make("HalfCheetah-v4").close()
-    handler = mujoco.get_mju_user_warning()
-    assert handler is not None and list(tmp_path.iterdir()) == []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        handler("compiler attribute 'settotalmass' is deprecated and will be removed in a future release")
-        handler("Nan, Inf or huge value in QACC at DOF 0. The simulation is unstable.")
-    assert [str(w.message) for w in caught] == [
-        "MuJoCo: Nan, Inf or huge value in QACC at DOF 0. The simulation is unstable."
-    ]
