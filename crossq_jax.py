@@ -686,9 +686,8 @@ def check_args(args: Args) -> None:
         elif low == 0 and high in (INT32_MAX, float("inf")):
             rule = ("must not be negative" if low_ok else "must be positive") + ("" if high_ok else " and finite")
         else:
-            rule = f"must lie in {'[('[not low_ok]}{low}, {high}{'])'[not high_ok]}".replace(".0,", ",").replace(
-                ".0)", ")"
-            )
+            ends = [f"{end:g}" if isinstance(end, float) else f"{end}" for end in (low, high)]
+            rule = f"must lie in {'[('[not low_ok]}{ends[0]}, {ends[1]}{'])'[not high_ok]}"
         raise ConfigError(f"--{name.replace('_', '-')} {rule} (got {value}{'' if x == value else f', {x} in float32'})")
     for name, choices in CHOICES.items():
         if (value := getattr(args, name)) not in choices:

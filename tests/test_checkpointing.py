@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import crossq_utils
 import numpy as np
 import pytest
 from conftest import (
@@ -25,6 +24,8 @@ from conftest import (
     script_env,
     start_script,
 )
+
+import crossq_utils
 
 POLICY_DELAY = {"crossq_jax.py": 3, "crossq_td3_jax.py": 3, "sac_jax.py": 1}  # their defaults
 
