@@ -814,7 +814,9 @@ def save_model(agent: AgentState, args: Args, path: str) -> None:
         f.write(flax.serialization.to_bytes(model))
         os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
-    print(f"model saved to {path}", flush=True)
+    print(
+        f"model saved to {path}; evaluate it with: python {os.path.relpath(__file__)} --eval-model {path}", flush=True
+    )
 
 
 all_finite = jax.jit(lambda tree: jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]).all())
@@ -844,6 +846,8 @@ def start_logging(args: Args, run_name: str) -> SummaryWriter:
             message = f"--track: W&B could not start a run ({reason}); `wandb login`, or WANDB_MODE=offline"
             raise ConfigError(message) from None
     writer = SummaryWriter(f"runs/{run_name}")
+    with open(f"runs/{run_name}/args.json", "w") as f:  # the flags of this run (a resumed one's as resumed)
+        json.dump(vars(args), f, indent=2)
     if not args.resume:
         table = "\n".join(f"|{name}|{value}|" for name, value in vars(args).items())
         writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
