@@ -12,6 +12,7 @@ import json
 import os
 import re
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,9 +21,19 @@ from conftest import REPO, read_scalars
 
 import crossq_utils
 
-# MuJoCo renders without a screen through EGL (Debian: apt-get install libegl1 libegl-mesa0 libgl1-mesa-dri). Where
-# it cannot, the runs here go without --capture-video and the video test is skipped; CI installs them.
-CAN_RENDER = bool(os.environ.get("DISPLAY") or ctypes.util.find_library("EGL"))
+
+def can_render() -> bool:
+    """Whether MuJoCo draws a frame here: headless, through EGL (Debian: apt-get install libegl1 libegl-mesa0
+    libgl1-mesa-dri). Where it cannot, the runs here go without --capture-video and the video test is skipped, but
+    not under CI, which installs those packages."""
+    if os.environ.get("CI") or not (os.environ.get("DISPLAY") or ctypes.util.find_library("EGL")):
+        return bool(os.environ.get("CI"))
+    env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
+    probe = "import mujoco; mujoco.GLContext(64, 64).make_current()"
+    return subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, timeout=120).returncode == 0
+
+
+CAN_RENDER = can_render()
 
 SCRIPTS = ["crossq_jax", "crossq_td3_jax", "sac_jax"]
 EVAL_EPISODES = 2

@@ -16,6 +16,7 @@ from conftest import read_scalars, run_dirs
 
 import crossq_jax
 import crossq_td3_jax
+import crossq_utils
 import sac_jax
 
 SCRIPTS = [crossq_jax, crossq_td3_jax, sac_jax]
@@ -63,13 +64,13 @@ def alpha_of(script) -> float:
 
 
 def measure(script, env_id: str, q_values, n_samples: int, cutoff: int) -> dict[str, float]:
-    """The script's measurement on `env_id` (through its own make_env) with the constant-logp policy."""
+    """The measurement on `env_id` (through the script's make_env) with the constant-logp policy; the TD3 base's
+    deterministic policy has log pi 0 and alpha 0: plain discounted returns."""
     env = script.make_env(env_id, seed=0)()
     env.reset(seed=0)
-    if script is crossq_td3_jax:  # deterministic policy, plain returns
-        return script.q_bias(env, lambda obs: np.zeros(1, np.float32), q_values, GAMMA, n_samples, cutoff)
-    policy = lambda obs, key: (np.zeros(1, np.float32), LOGP)
-    return script.q_bias(env, policy, q_values, ALPHA, GAMMA, n_samples, cutoff, jax.random.PRNGKey(0))
+    alpha, logp = (0.0, 0.0) if script is crossq_td3_jax else (ALPHA, LOGP)
+    policy = lambda obs, key: (np.zeros(1, np.float32), logp)
+    return crossq_utils.q_bias(env, policy, q_values, alpha, GAMMA, n_samples, cutoff, jax.random.PRNGKey(0))
 
 
 @pytest.mark.parametrize("env_id", ["ConstantReward12-v0", "ConstantReward12Truncated-v0"])
@@ -115,9 +116,8 @@ def test_the_critic_prediction_is_the_ensemble_mean_in_eval_mode(script):
     obs, actions = jax.random.normal(jax.random.PRNGKey(1), (5, 3)), jnp.full((5, 2), 0.5)
     variables = {"params": agent.critic.params, "batch_stats": agent.critic.batch_stats}
     each = np.asarray(agent.critic.apply_fn(variables, obs, actions, train=False))  # (3, 5): one row per critic
-    # (sac_jax's critics take a dropout key: DroQ's dropout stays on, as in all its critic passes)
-    critic = script.q_bias_critic(agent, jax.random.PRNGKey(2)) if script is sac_jax else script.q_bias_critic(agent)
-    predicted = np.asarray(critic(np.asarray(obs), np.asarray(actions)))
+    # (sac_jax's critics take a dropout key from it: DroQ's dropout stays on, as in all its critic passes)
+    predicted = np.asarray(script.q_bias_pass(agent, np.asarray(obs), np.asarray(actions), jax.random.PRNGKey(2))[0])
     np.testing.assert_allclose(predicted, each.mean(axis=0), rtol=1e-5, atol=1e-6)
     assert not np.allclose(predicted, each.min(axis=0))
 
