@@ -528,8 +528,8 @@ def alpha_loss(params: dict, logp: jax.Array, target_entropy: float) -> jax.Arra
 
 def make_train_step(args: Args, action_dim: int):
     """Build the jitted per-env-step program: the step's `utd` CrossQ updates, then the next env step's action.
-    `train_step(agent, metrics, buffer, keys, obs, phase)` -> (agent, metrics, keys, action for `obs`), where `phase`
-    is the run's critic updates before this step, modulo `policy_delay` (see train())."""
+    `train_step(agent, metrics, buffer, keys, obs, lead)` -> (agent, metrics, keys, action for `obs`), where `lead` is
+    the number of this step's critic updates before the first one the actor follows (see train())."""
     target_entropy = -float(action_dim)
 
     def update(carry: tuple, inputs: tuple, with_actor: bool):
@@ -557,7 +557,7 @@ def make_train_step(args: Args, action_dim: int):
         a loop of one update). Also returns whether each update's losses are finite."""
         return jax.lax.scan(lambda carry, x: update(carry, x, with_actor), carry, inputs)
 
-    def train_step(agent: AgentState, metrics: Metrics, buffer: ReplayBuffer, keys: dict, obs: jax.Array, phase: int):
+    def train_step(agent: AgentState, metrics: Metrics, buffer: ReplayBuffer, keys: dict, obs: jax.Array, lead: int):
         # The buffer is only read here: storing happens in its own jitted call, since XLA on CPU copies whole
         # buffer columns when one call both writes and samples the buffer. All of the step's batches are drawn
         # first, so that no loop carries or closes over the buffer.
@@ -567,10 +567,9 @@ def make_train_step(args: Args, action_dim: int):
         )
         batches = jax.vmap(lambda key: buffer_sample(buffer, key, args.batch_size))(batch_keys)
         take = lambda start, n: jax.tree.map(lambda x: x[start : start + n], (batches, critic_keys, actor_keys))
-        # Delayed policy updates: the actor follows every `policy_delay`-th critic update of the run, the first after
-        # `lead` critic-only updates of this step, then once a period. A loop over the whole periods: the program
-        # keeps its size whatever --utd is.
-        delay, lead = args.policy_delay, min(args.policy_delay - 1 - phase, args.utd)
+        # After `lead` critic-only updates, the actor follows the first update of each period of `policy_delay`; a
+        # loop over the whole periods keeps the program's size whatever --utd is.
+        delay = args.policy_delay
         periods, rest = divmod(args.utd - lead, delay)
         carry, finite = (agent, metrics), []
 
@@ -610,7 +609,7 @@ def make_train_step(args: Args, action_dim: int):
         action = explore(*jax.lax.optimization_barrier((agent.actor, obs, explore_key)))
         return agent, metrics, {"update": next_update_key, "explore": explore_key}, action
 
-    return jax.jit(train_step, static_argnames="phase", donate_argnums=(0, 1))
+    return jax.jit(train_step, static_argnames="lead", donate_argnums=(0, 1))
 
 
 # ALGO LOGIC: acting and evaluation
@@ -938,10 +937,12 @@ def train(args: Args) -> dict:
             buffer, device_obs = store(buffer, step_data)
             obs = policy_obs
             if learning:  # this step's updates, then the next step's action: one compiled program, no host wait
-                # Where the actor's updates fall among this step's depends on this phase alone: one compiled program
-                # per phase (at most policy_delay), and no conditional, which on a GPU stops the host until it is met.
-                phase = (global_step - args.learning_starts - 1) * args.utd % args.policy_delay
-                agent, metrics, keys, next_action = train_step(agent, metrics, buffer, keys, device_obs, phase)
+                # Delayed policy updates: the actor follows every policy_delay-th critic update of the run. `lead`, this
+                # step's critic updates before its first such one, is static: one compiled program per value (at most
+                # policy_delay) and no conditional, which on a GPU stops the host until the device gets there.
+                updates_before = (global_step - args.learning_starts - 1) * args.utd
+                lead = min(args.policy_delay - 1 - updates_before % args.policy_delay, args.utd)
+                agent, metrics, keys, next_action = train_step(agent, metrics, buffer, keys, device_obs, lead)
             elif global_step == args.learning_starts:
                 next_action = explore(agent.actor, device_obs, keys["explore"])
 

@@ -4,7 +4,7 @@
     python benchmarks/checkpoint.py --capacity 100000    # smaller, quicker
 
 Builds the agent at the paper's widths and a buffer filled with random transitions of the env's
-shapes, writes the checkpoint exactly as a run does (crossq_jax.write_checkpoint), reads it back
+shapes, writes the checkpoint exactly as a run does (crossq_utils.write_checkpoint), reads it back
 and prints the file size and the seconds each took.
 """
 
@@ -22,6 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import crossq_jax as cq
+import crossq_utils
 
 
 def cpu_model() -> str:
@@ -59,22 +60,23 @@ def main() -> None:
     )
     state = {
         "agent": agent,
-        "buffer": cq.filled_part(buffer),
+        "buffer": crossq_utils.filled_part(buffer),
         "metrics": cq.Metrics.initial(),
         "keys": {"update": jax.random.PRNGKey(1), "explore": jax.random.PRNGKey(2)},
         "obs": np.zeros(obs_dim, np.float32),
         "episode_actions": np.zeros((500, action_dim), np.float32),
     }
-    host_state = {"script": cq.SCRIPT_NAME, "run_name": "benchmark", "args": vars(args), "global_step": n}
+    host_state = {"script": "crossq_jax", "run_name": "benchmark", "args": vars(args), "global_step": n}
     with tempfile.TemporaryDirectory(dir=options.dir) as folder:
-        path = os.path.join(folder, cq.CHECKPOINT_FILE)
+        path = os.path.join(folder, crossq_utils.CHECKPOINT_FILE)
         start = time.perf_counter()
-        cq.write_checkpoint(path, state, host_state)
+        crossq_utils.write_checkpoint(cq, path, state, host_state)
         write_seconds = time.perf_counter() - start
         size = os.path.getsize(path)
         start = time.perf_counter()
-        arrays, _ = cq.read_checkpoint(path)
-        cq.restore(state, arrays)
+        with np.load(path) as data:  # what read_checkpoint reads (it checks the host state too, which this lacks)
+            arrays = {name: data[name] for name in data.files if name != "__host_state__"}
+        crossq_utils.restore(cq, state, arrays)
         read_seconds = time.perf_counter() - start
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores, jax {jax.__version__} ({jax.default_backend()})")
     print(f"{options.env_id}: obs {obs_dim}, actions {action_dim}, {n:,} transitions, critic width {args.critic_width}")

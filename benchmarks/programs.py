@@ -26,7 +26,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from throughput import REPO, VARIANTS, load_script, noise_of  # this folder's benchmark
+from throughput import REPO, VARIANTS, lead_of, load_script, noise_of  # this folder's benchmark
 
 COUNTED = ("kernels", "fusion", "dot", "custom-call", "copy", "conditional", "while")
 FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "opt-barrier", "after-all"}
@@ -34,15 +34,10 @@ FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "opt-b
 INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%[\w.\-]+ = .*? ([a-z][a-z0-9\-]*)\(")
 
 
-def describe(pattern: tuple[bool, ...]) -> str:
-    """A step's actor-update pattern in words: (False, True) -> 'critic, critic+actor'."""
-    runs = [(with_actor, len(list(run))) for with_actor, run in itertools.groupby(pattern)]
-    return ", ".join(f"{n}x " * (n > 1) + ("critic+actor" if with_actor else "critic") for with_actor, n in runs)
-
-
 def step_programs(module, argv: list[str]) -> dict[str, "jax.stages.Traced"]:
     """The script's per-step programs for the Args of `argv`, traced on zero inputs of the env's shapes: the store,
-    the first action, and the train step of each actor-update pattern in one cycle of its schedule."""
+    the first action, and the train step of each `lead` (critic-only updates before the actor's) in one cycle of its
+    schedule."""
     args = module.parse_args(argv)
     env = module.make_env(args.env_id, args.seed)()
     obs_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
@@ -59,9 +54,9 @@ def step_programs(module, argv: list[str]) -> dict[str, "jax.stages.Traced"]:
     train_step = module.make_train_step(args, action_dim)
     cycle = args.policy_delay // math.gcd(args.policy_delay, args.utd)  # env steps until the pattern repeats
     steps = range(args.learning_starts + 1, args.learning_starts + cycle + 1)
-    for pattern in dict.fromkeys(module.actor_update_pattern(args, step) for step in steps):
+    for lead in dict.fromkeys(lead_of(args, step) for step in steps):
         inputs = (agent, module.Metrics.initial(), buffer, keys, obs)
-        programs[f"train_step: {describe(pattern)}"] = train_step.trace(*inputs, pattern)
+        programs[f"train_step: lead {lead}"] = train_step.trace(*inputs, lead)
     return programs
 
 

@@ -56,6 +56,12 @@ def load_script(script: str, repo: Path = REPO):
     return sys.modules[name]
 
 
+def lead_of(args, step: int) -> int:
+    """The critic updates of env step `step` before the first one the actor follows, as the scripts' train() has it."""
+    updates_before = (step - args.learning_starts - 1) * args.utd
+    return min(args.policy_delay - 1 - updates_before % args.policy_delay, args.utd)
+
+
 def noise_of(args) -> tuple:
     """What the script's `explore` takes after the key: the TD3 base's exploration noise, nothing for the SAC base."""
     return (args.exploration_noise,) if hasattr(args, "exploration_noise") else ()
@@ -146,12 +152,12 @@ class Parts:
         """One learning env step's device work as the loop does it: store, train_step (the step's updates and the
         next action), read the action. With `clock`, the times at which each call returned and the action was read."""
         self.i += 1
-        pattern = self.module.actor_update_pattern(args, args.learning_starts + self.i)
+        lead = lead_of(args, args.learning_starts + self.i)
         times = [clock()] if clock else []
         self.buffer, obs = self.store(self.buffer, self.step_data)
         times += [clock()] if clock else []
         self.agent, self.metrics, self.keys, action = train_step(
-            self.agent, self.metrics, self.buffer, self.keys, obs, pattern
+            self.agent, self.metrics, self.buffer, self.keys, obs, lead
         )
         times += [clock()] if clock else []
         np.asarray(action)[0]

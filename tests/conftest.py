@@ -107,9 +107,14 @@ def learning_steps(module, args, agent, buffer, n_steps: int, metrics=None, seed
     keys = {"update": jax.random.PRNGKey(seed), "explore": jax.random.PRNGKey(seed + 1)}
     obs = np.zeros((1, buffer.obs.shape[1]), np.float32)
     for step in range(args.learning_starts + 1, args.learning_starts + n_steps + 1):
-        phase = (step - args.learning_starts - 1) * args.utd % args.policy_delay  # as train() computes it
-        agent, metrics, keys, _ = train_step(agent, metrics, buffer, keys, obs, phase)
+        agent, metrics, keys, _ = train_step(agent, metrics, buffer, keys, obs, lead_of(args, step))
         yield agent, metrics
+
+
+def lead_of(args, step: int) -> int:
+    """The critic updates of env step `step` before the first one the actor follows, as train() computes it."""
+    updates_before = (step - args.learning_starts - 1) * args.utd
+    return min(args.policy_delay - 1 - updates_before % args.policy_delay, args.utd)
 
 
 def train_steps(module, args, agent, buffer, n_steps: int = 1, metrics=None, seed: int = 1):

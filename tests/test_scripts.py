@@ -22,6 +22,7 @@ from conftest import (
     SCRIPTS,
     fake_checkpoint,
     filled_buffer,
+    lead_of,
     module_of,
     read_scalars,
     run_dirs,
@@ -29,8 +30,11 @@ from conftest import (
     train_in,
     train_steps,
 )
+from conftest import learning_steps as module_learning_steps
 from programs import step_programs
 from throughput import noise_of
+
+import crossq_utils
 
 CROSSQ_SCRIPTS = ["crossq_jax.py", "crossq_td3_jax.py"]  # the two with Batch Renormalization
 SAC_BASED = ["crossq_jax.py", "sac_jax.py"]  # a tanh-Gaussian actor and a learned entropy coefficient
@@ -75,7 +79,7 @@ def test_actions_are_rescaled_to_the_env_bounds_and_only_terminations_stop_the_b
     args = small_args(script, env_id="BoundsAndEndings-v0", total_timesteps=60, learning_starts=60)
     args = dataclasses.replace(args, checkpoint_freq=60, eval_freq=0, eval_episodes=1, log_freq=60)
     train_in(tmp_path, module, args)
-    arrays, _ = module.read_checkpoint(str(run_dirs(tmp_path)[0]))
+    arrays, _ = crossq_utils.read_checkpoint(module, str(run_dirs(tmp_path)[0]))
     actions, next_obs = arrays["buffer/actions"], arrays["buffer/next_obs"]
     terminations = arrays["buffer/terminations"]
     assert len(actions) == 60
@@ -249,14 +253,15 @@ def test_a_resume_from_before_the_brn_switch_to_past_it_matches_the_uninterrupte
     train_in(reference, module, dataclasses.replace(args, total_timesteps=390))
     train_in(stopped, module, dataclasses.replace(args, total_timesteps=130, checkpoint_freq=130))
     (run_dir,) = run_dirs(stopped)
-    arrays, _ = module.read_checkpoint(str(run_dir))
+    arrays, _ = crossq_utils.read_checkpoint(module, str(run_dir))
     assert brn_counters(arrays, "critic") == {30} and brn_counters(arrays, "actor") == {10}  # still warming up
     train_in(stopped, module, module.parse_args(["--resume", str(run_dir), "--total-timesteps", "390"]))
-    arrays, host_state = module.read_checkpoint(str(run_dir))
+    arrays, host_state = crossq_utils.read_checkpoint(module, str(run_dir))
     assert host_state["global_step"] == 390
     assert brn_counters(arrays, "critic") == {290} and brn_counters(arrays, "actor") == {96}  # renormalising
     expected, got = read_scalars(run_dirs(reference)[0]), read_scalars(run_dir)
-    expected.pop("charts/SPS"), got.pop("charts/SPS")
+    for timed in ("charts/SPS", "charts/train_seconds"):
+        expected.pop(timed), got.pop(timed)
     assert [step for step, _ in got["eval/episodic_return"]] == [130, 260, 390]
     assert got == expected
 
@@ -283,7 +288,8 @@ def system_id(system: tuple[str, str | None]) -> str:
 
 
 def logged_tags(script: str) -> set[str]:
-    tags = {"charts/episodic_return", "charts/episodic_length", "charts/SPS", "eval/episodic_return"}
+    tags = {"charts/episodic_return", "charts/episodic_length", "charts/SPS", "charts/train_seconds"}
+    tags |= {"eval/episodic_return"}
     tags |= {"losses/qf_loss", "losses/qf_values", "losses/actor_loss"}
     return tags | ({"losses/alpha", "losses/alpha_loss"} if script in SAC_BASED else set())
 
@@ -301,6 +307,8 @@ def test_help_lists_every_flag_and_the_preset_words(script, script_runner):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_a_preset_word_sets_its_values_flags_override_them_and_a_resume_must_agree_with_it(script, tmp_path):
+    """A resumed run takes the checkpoint's flags; a preset word beside --resume stands for its values, which must be
+    the checkpoint's (a sweep resumes with its cell's own command line, preset word included)."""
     module = module_of(script)
     default_word, *words = module.PRESETS
     assert words == PRESET_WORDS[script]
@@ -312,8 +320,10 @@ def test_a_preset_word_sets_its_values_flags_override_them_and_a_resume_must_agr
     # A run of the defaults resumed with another word, which it was not started with: refused, naming a flag.
     checkpoint = fake_checkpoint(module, tmp_path / "checkpoint.npz", module.Args(env_id="Pendulum-v1"))
     assert module.parse_args(["--resume", checkpoint]) == module.Args(env_id="Pendulum-v1", resume=checkpoint)
-    with pytest.raises(module.ConfigError, match=f"the checkpoint is not of a {words[0]} run: --"):
+    with pytest.raises(module.ConfigError, match=r"^--\S+ is .* in the checkpoint, not .*: a resumed run keeps its"):
         module.parse_args([words[0], "--resume", checkpoint])
+    started = fake_checkpoint(module, tmp_path / "word.npz", module.parse_args([words[0], "--env-id", "Pendulum-v1"]))
+    assert module.parse_args([words[0], "--resume", started]).resume == started  # the word it was started with
 
 
 SMOKE_FLAGS = [
@@ -348,7 +358,9 @@ def test_a_short_mujoco_run_trains_evaluates_logs_and_saves_a_model_that_acts_as
     saved = flax.serialization.msgpack_restore((run_dir / f"{args.exp_name}.crossq_model").read_bytes())
     assert {"actor", "critic"} <= set(saved)
     monkeypatch.chdir(cwd)
-    evaluated = module.evaluate_model(module.parse_args(["--eval-model", str(run_dir), "--eval-episodes", "2"]))
+    evaluated = crossq_utils.evaluate_model(
+        module, module.parse_args(["--eval-model", str(run_dir), "--eval-episodes", "2"])
+    )
     assert evaluated["eval_return"] == pytest.approx(final_eval[1], rel=1e-5)
 
 
@@ -369,8 +381,8 @@ def test_no_per_step_program_holds_a_conditional(system, flags):
     script, preset = system
     argv = [*([preset] if preset else []), "--critic-width", "16", "--actor-width", "16", "--buffer-size", "1000"]
     programs = step_programs(module_of(script), [*argv, *flags])
-    patterns = 1 if script == "sac_jax.py" else 2  # policy delay = UTD (SAC, REDQ, DroQ): one pattern
-    assert sum(name.startswith("train_step") for name in programs) == patterns
+    leads = 1 if script == "sac_jax.py" else 2  # policy delay = UTD (SAC, REDQ, DroQ): every step alike
+    assert sum(name.startswith("train_step") for name in programs) == leads
     for name, traced in programs.items():
         text = traced.lower(lowering_platforms=("cuda",)).as_text()
         assert "stablehlo.case" not in text and "stablehlo.if" not in text, name
@@ -391,8 +403,7 @@ def test_the_action_drawn_inside_the_step_is_the_one_explore_draws(script):
     noise = noise_of(args)
     actions = []
     for step in range(args.learning_starts + 1, args.learning_starts + 4):
-        pattern = module.actor_update_pattern(args, step)
-        agent, metrics, keys, action = train_step(agent, metrics, buffer, keys, obs, pattern)
+        agent, metrics, keys, action = train_step(agent, metrics, buffer, keys, obs, lead_of(args, step))
         np.testing.assert_array_equal(action, module.explore(agent.actor, obs, keys["explore"], *noise))
         actions.append(np.asarray(action))
     assert not np.array_equal(actions[0], actions[1]) and not np.array_equal(actions[1], actions[2])
@@ -462,3 +473,21 @@ def test_each_script_learns_to_swing_the_pendulum_up(script, finished_run):
     evals = dict(scalars["eval/episodic_return"])
     assert evals[1000] < -600, evals  # the untrained policy lets it hang ...
     assert evals[max(evals)] >= -300, evals  # ... the trained one swings it up and holds it, after the switch
+
+
+@pytest.mark.parametrize("utd,policy_delay", [(1, 3), (5, 2), (7, 3), (2, 5), (20, 20), (6, 1), (200, 3)])
+def test_the_actor_follows_every_policy_delay_th_critic_update_of_the_run(utd, policy_delay):
+    """Whatever --utd and --policy-delay, after each env step the actor has been updated once for every
+    `policy_delay`-th of the run's critic updates so far (its BRN layers counted as many train-mode calls), and a
+    step's program stays one of at most `policy_delay` compiled ones."""
+    module = module_of("crossq_jax.py")
+    args = small_args(module, utd=utd, policy_delay=policy_delay)
+    initial = module.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
+    buffer, leads = filled_buffer(module, args), set()
+    for n, (agent, _) in enumerate(module_learning_steps(module, args, initial, buffer, 7), start=1):
+        leads.add(lead_of(args, args.learning_starts + n))
+        actor_updates = n * utd // policy_delay
+        assert int(agent.critic.step) == n * utd and int(agent.actor.step) == actor_updates, n
+        counters = jax.tree.leaves(agent.actor.batch_stats["Normalization_0"]["BatchRenorm_0"]["steps"])
+        assert all(int(c) == actor_updates for c in counters), n
+    assert len(leads) <= policy_delay
