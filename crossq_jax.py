@@ -932,7 +932,8 @@ def train(args: Args) -> dict:
             step_data = pack_step(obs, action, reward, terminated, next_obs, policy_obs)
             if not np.isfinite(step_data).all():  # as the float32 the buffer stores: 1e39 is inf there
                 raise FloatingPointError(
-                    f"{args.env_id} returned a NaN/inf observation or reward at env step {global_step}"
+                    f"{args.env_id} returned an observation or reward that is NaN/inf in float32 (as stored) "
+                    f"at env step {global_step}"
                 )
             buffer, device_obs = store(buffer, step_data)
             obs = policy_obs
