@@ -200,24 +200,20 @@ def finish_cell(work_dir: Path, results_dir: Path, cell: Cell, returncode: int, 
 
 
 def read_curve(run_dir: Path) -> list[dict]:
-    """The run's evaluations: env step, mean return, and training seconds (evaluation excluded) so far.
-
-    The scripts log `charts/SPS` = step / training seconds every `--log-freq` steps; the training time at
-    an evaluation is step / SPS at the same step (SPS is a whole number: at 100 SPS and more, < 1% off).
-    """
+    """The run's evaluations: env step, mean return, and training seconds (evaluations excluded) so far, which the
+    scripts log as `charts/train_seconds` every `--log-freq` steps (a resumed run goes on from its checkpoint's)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})  # purges what a resume superseded
     events.Reload()
-    sps = {e.step: e.value for e in events.Scalars("charts/SPS")}
-    return eval_curve({e.step: e.value for e in events.Scalars("eval/episodic_return")}, sps)
+    seconds = {e.step: e.value for e in events.Scalars("charts/train_seconds")}
+    return eval_curve({e.step: e.value for e in events.Scalars("eval/episodic_return")}, seconds)
 
 
-def eval_curve(returns: dict[int, float], sps: dict[int, float]) -> list[dict]:
-    """The points of a result file's curve from {step: mean eval return} and {step: SPS logged there}."""
+def eval_curve(returns: dict[int, float], seconds: dict[int, float]) -> list[dict]:
+    """The points of a result file's curve from {step: mean eval return} and {step: training seconds logged there}."""
     return [
-        {"step": step, "return": value, "train_seconds": step / sps[step] if sps.get(step) else None}
-        for step, value in sorted(returns.items())
+        {"step": step, "return": value, "train_seconds": seconds.get(step)} for step, value in sorted(returns.items())
     ]
 
 
