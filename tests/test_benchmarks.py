@@ -25,7 +25,7 @@ def test_the_gpu_benchmark_runs_end_to_end_in_its_dry_run():
         calls = re.search(rf"^\| {width} \| (\d+) \| (\d+) \| (\d+) \|$", out, re.M)
         assert calls and 0 < int(calls.group(1)) < int(calls.group(2)) < int(calls.group(3)), out
         programs = re.findall(rf"^\| {width} \| (store|explore|train_step: [^|]+) \|((?: \d+ \|)+)$", out, re.M)
-        assert [name for name, _ in programs] == ["store", "explore", "train_step: critic", "train_step: critic+actor"]
+        assert [name for name, _ in programs] == ["store", "explore", "train_step: lead 1", "train_step: lead 0"]
         for _, counts in programs:
             kernels, *_, conditional, _ = (int(n) for n in counts.strip(" |").split(" | "))
             assert kernels > 0 and conditional == 0

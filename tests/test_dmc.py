@@ -13,6 +13,7 @@ from conftest import read_scalars, run_dirs
 
 import crossq_jax
 import crossq_td3_jax
+import crossq_utils
 import sac_jax
 
 SCRIPTS = [crossq_jax, crossq_td3_jax, sac_jax]
@@ -88,8 +89,8 @@ def test_the_env_generator_state_survives_a_checkpoint_so_a_dmc_run_can_resume(s
     """DMC envs draw from a legacy RandomState; its state goes through a checkpoint's JSON and back."""
     env = script.make_env("dm_control/reacher-easy", seed=0)()
     env.reset(seed=5)
-    state = json.loads(json.dumps(script.generator_state(env.np_random), default=np.ndarray.tolist))
+    state = json.loads(json.dumps(crossq_utils.generator_state(env.np_random), default=np.ndarray.tolist))
     first, _ = env.reset()
-    script.set_generator_state(env.np_random, state)
+    crossq_utils.set_generator_state(env.np_random, state)
     again, _ = env.reset()
     np.testing.assert_array_equal(first, again)
