@@ -866,6 +866,8 @@ def train(args: Args) -> dict:
     obs_dim, action_dim = check_env(args.env_id, render=args.capture_video)
     check_memory(args, obs_dim, action_dim)
     run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if args.q_bias_freq:  # needs crossq_utils.py: without it, refused now rather than at the first measurement
+        load_utils("--q-bias-freq")
     checkpoints = None
     if args.checkpoint_freq or args.resume:  # every check of the checkpoint to resume comes before any compute
         utils = load_utils("--checkpoint-freq" if args.checkpoint_freq else "--resume")

@@ -182,7 +182,7 @@ MAIN_WITH_EACH = r"""
 import contextlib, io, json, os, resource, runpy, signal, sys, traceback
 script, inputs = sys.argv[1], json.loads(sys.argv[2])
 sys.path.insert(0, os.path.dirname(script))  # as `python script.py` puts it first: crossq_utils.py is found there
-sys.path.append(os.path.join(os.path.dirname(script), "tests"))  # --env-id broken_envs:...
+sys.path.append(os.path.join(os.path.dirname(script), "tests"))  # --env-id broken_envs:... (where tests/ is)
 # Should a refusal regress, the run would try to take terabytes or train for hours: let it fail
 # inside 8 GiB and 120 s instead of taking the memory and time of the machine the tests share.
 resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))

@@ -8,6 +8,9 @@ Runs are in-process (`module.train(args)` in a temporary folder), to keep the su
 import dataclasses
 import json
 import re
+import shutil
+import subprocess
+import sys
 
 import flax
 import gymnasium as gym
@@ -17,8 +20,10 @@ import numpy as np
 import pytest
 from conftest import (
     ACTION_DIM,
+    MAIN_WITH_EACH,
     OBS_DIM,
     OPTIMISED_XLA,
+    REPO,
     SCRIPTS,
     fake_checkpoint,
     filled_buffer,
@@ -26,6 +31,8 @@ from conftest import (
     module_of,
     read_scalars,
     run_dirs,
+    run_script,
+    script_env,
     small_args,
     train_in,
     train_steps,
@@ -491,3 +498,60 @@ def test_the_actor_follows_every_policy_delay_th_critic_update_of_the_run(utd, p
         counters = jax.tree.leaves(agent.actor.batch_stats["Normalization_0"]["BatchRenorm_0"]["steps"])
         assert all(int(c) == actor_updates for c in counters), n
     assert len(leads) <= policy_delay
+
+
+# ---------------------------------------------------------------------------------------------
+# A script copied alone into another project: it trains; what needs crossq_utils.py says so
+# ---------------------------------------------------------------------------------------------
+ALONE_FLAGS = [
+    *["--env-id", "Pendulum-v1", "--total-timesteps", "400", "--learning-starts", "200", "--batch-size", "32"],
+    *["--critic-width", "16", "--actor-width", "16", "--buffer-size", "1000", "--eval-freq", "200"],
+    *["--eval-episodes", "2", "--log-freq", "100", "--save-model"],
+]
+MODULE_FLAGS = {  # each flag that goes beyond CleanRL, as a user would give it
+    "--checkpoint-freq": ["--checkpoint-freq", "100"],
+    "--resume": ["--resume", "runs/x"],
+    "--eval-model": ["--eval-model", "runs/x"],
+    "--q-bias-freq": ["--q-bias-freq", "100", "--env-id", "Pendulum-v1"],
+    "--env-id dm_control/...": ["--env-id", "dm_control/reacher-easy"],
+}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_script_copied_alone_trains_as_in_the_repository_and_refuses_the_module_flags_in_one_line(script, tmp_path):
+    """Copied alone into an empty folder, a script trains a tiny run with --save-model and prints the evaluations
+    and losses it prints inside the repository. Each flag that needs crossq_utils.py is refused in one line that
+    names the file, exit 2, before anything is written."""
+    alone, inside = tmp_path / "alone", tmp_path / "inside"
+    alone.mkdir(), inside.mkdir()
+    shutil.copy(REPO / script, alone)
+    env = {key: value for key, value in script_env().items() if key != "PYTHONPATH"}
+    copied = subprocess.run(
+        [sys.executable, script, *ALONE_FLAGS], cwd=alone, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert copied.returncode == 0, copied.stderr
+    in_repository = run_script(script, *ALONE_FLAGS, cwd=inside)
+    assert in_repository.returncode == 0, in_repository.stderr
+    # The same lines but for the times, the run's name and the script's path in the evaluation command
+    numbers = lambda out: [
+        re.sub(r"SPS=\d+ |time_left=\S+|Pendulum-v1__\S+|python \S+", "", line) for line in out.splitlines()
+    ]
+    assert numbers(copied.stdout) == numbers(in_repository.stdout)
+    assert sum("eval/episodic_return=" in line for line in copied.stdout.splitlines()) == 2
+    ((run_dir,),) = [run_dirs(alone)]
+    assert (run_dir / f"{module_of(script).Args().exp_name}.crossq_model").exists()
+
+    process = subprocess.run(
+        [sys.executable, "-c", MAIN_WITH_EACH, str(alone / script), json.dumps(MODULE_FLAGS)],
+        cwd=alone,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert process.returncode == 0, process.stderr[-3000:]
+    for flag, result in json.loads(process.stdout.splitlines()[-1]).items():
+        assert result["status"] == 2, (flag, result["stderr"])
+        (line,) = result["stderr"].splitlines()
+        assert line == f"error: {flag} needs crossq_utils.py beside {script}: copy it too", line
+        assert result["new"] == [], flag
