@@ -6,6 +6,7 @@
 # (checkpoints and exact resume, --eval-model, the Q-bias measurement, DeepMind Control) is in
 # crossq_utils.py, which only the flags that need it import. Documentation: docs/crossq.md.
 import dataclasses
+import io
 import json
 import os
 import random
@@ -866,11 +867,10 @@ def train(args: Args) -> dict:
     obs_dim, action_dim = check_env(args.env_id, render=args.capture_video)
     check_memory(args, obs_dim, action_dim)
     run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    if args.q_bias_freq:  # needs crossq_utils.py: without it, refused now rather than at the first measurement
-        load_utils("--q-bias-freq")
-    checkpoints = None
+    # --resume, --checkpoint-freq and --q-bias-freq need crossq_utils.py: refused now if it is missing
+    flag = next((f for f in ["resume", "checkpoint_freq", "q_bias_freq"] if getattr(args, f)), None)
+    utils, checkpoints = load_utils(f"--{flag.replace('_', '-')}") if flag else None, None
     if args.checkpoint_freq or args.resume:  # every check of the checkpoint to resume comes before any compute
-        utils = load_utils("--checkpoint-freq" if args.checkpoint_freq else "--resume")
         checkpoints = utils.Checkpoints(THIS, args, run_name, obs_dim, action_dim)
         run_name = checkpoints.run_name  # a resumed run keeps its own
 
@@ -933,10 +933,8 @@ def train(args: Args) -> dict:
             # ends the return.
             step_data = pack_step(obs, action, reward, terminated, next_obs, policy_obs)
             if not np.isfinite(step_data).all():  # as the float32 the buffer stores: 1e39 is inf there
-                raise FloatingPointError(
-                    f"{args.env_id} returned an observation or reward that is NaN/inf in float32 (as stored) "
-                    f"at env step {global_step}"
-                )
+                where = f"in float32 (as stored) at env step {global_step}"
+                raise FloatingPointError(f"{args.env_id} returned an observation or reward that is NaN/inf {where}")
             buffer, device_obs = store(buffer, step_data)
             obs = policy_obs
             if learning:  # this step's updates, then the next step's action: one compiled program, no host wait
@@ -973,13 +971,10 @@ def train(args: Args) -> dict:
                 returns = evaluate(agent.actor, eval_env, args.eval_episodes)
                 eval_return = float(np.mean(returns))
                 writer.add_scalar("eval/episodic_return", eval_return, global_step)
-                print(
-                    f"step={global_step} eval/episodic_return={eval_return:.1f} +- {np.std(returns):.1f} "
-                    f"({len(returns)} episodes)",
-                    flush=True,
-                )
+                spread = f"+- {np.std(returns):.1f} ({len(returns)} episodes)"
+                print(f"step={global_step} eval/episodic_return={eval_return:.1f} {spread}", flush=True)
             if args.q_bias_freq and global_step % args.q_bias_freq == 0:  # the paper's Figures 7 and 17
-                load_utils("--q-bias-freq").log_q_bias(THIS, writer, agent, args, global_step)
+                utils.log_q_bias(THIS, writer, agent, args, global_step)
             if (
                 checkpoints
             ):  # every --checkpoint-freq env steps, at the end, and after SIGTERM or Ctrl-C (then it stops)
@@ -990,42 +985,30 @@ def train(args: Args) -> dict:
 
         if args.save_model:
             save_model(agent, args, f"runs/{run_name}/{args.exp_name}.crossq_model")
-    finally:
-        writer.close()
-        env.close()
-        eval_env.close()  # writes its last video
-        if checkpoints:
-            checkpoints.close()
+    finally:  # however the loop ends: the events flushed, the last video written, the signal handlers put back
+        for resource in (writer, env, eval_env, checkpoints):
+            if resource is not None:
+                resource.close()
         if args.track:
             sys.modules["wandb"].finish()
     return {"eval_return": eval_return, "run_name": run_name}
 
 
-class Stdout:
+class Stdout(io.TextIOBase):
     """stdout that, once its reader has gone (`python crossq_jax.py ... | head`), drops what follows instead of
     ending the run at its next line."""
 
-    def __init__(self, stream) -> None:
-        self.stream = stream
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.stream, name)
-
     def write(self, text: str) -> int:
-        return self.call("write", text) or len(text)
-
-    def flush(self) -> None:
-        self.call("flush")
-
-    def call(self, method: str, *args: Any) -> Any:
         try:
-            return getattr(self.stream, method)(*args)
+            sys.__stdout__.write(text)
+            sys.__stdout__.flush()
         except BrokenPipeError:  # into /dev/null from now on (Python's own flush at exit would fail too)
-            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.__stdout__.fileno())
+        return len(text)
 
 
 if __name__ == "__main__":
-    sys.stdout = Stdout(sys.stdout)
+    sys.stdout = Stdout()
     try:
         args = parse_args()
         load_utils("--eval-model").evaluate_model(THIS, args) if args.eval_model else train(args)
