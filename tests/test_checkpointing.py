@@ -158,6 +158,9 @@ SPOILED = {  # what is wrong with the checkpoint (or the command line beside it)
     "string_number": "gamma is '0.99', not of type",
     "out_of_range": "--learning-starts must not be negative",
     "missing_entry": "its host state's global_step is missing",
+    # A host state that contradicts its own arrays: the step it names is not the one its buffer and updates hold.
+    "step_edited": "the checkpoint's buffer/obs is float32[1000, 3], not [990, 3]",
+    "updates_edited": "its critic has 799 updates, not 800",
     "json_list": "its host state is not a JSON object",
     "args_json_edited": "gamma is '0.99', not of type",
     "eval_flag_at_its_default": "--gamma does not go with --eval-model",
@@ -190,6 +193,8 @@ def refused_resumes(reference, tmp_path_factory) -> dict:
         "out_of_range": (arrays, {**host_state, "args": {**host_state["args"], "learning_starts": -5}}),
         "missing_entry": (arrays, {key: value for key, value in host_state.items() if key != "global_step"}),
         "json_list": (arrays, list(host_state.items())),
+        "step_edited": (arrays, {**host_state, "global_step": 990}),
+        "updates_edited": ({**arrays, "agent/critic/step": np.asarray(799, np.int32)}, host_state),
     }
     for spoil, (spoiled_arrays, spoiled_host_state) in edits.items():
         crossq_utils.write_checkpoint(module, str(folder / f"{spoil}.npz"), spoiled_arrays, spoiled_host_state)
