@@ -10,6 +10,7 @@ import io
 import json
 import os
 import random
+import signal
 import sys
 import time
 import warnings
@@ -912,6 +913,8 @@ def train(args: Args) -> dict:
 
     try:
         for global_step in range(start_step + 1, args.total_timesteps + 1):
+            if STOPPED:  # Ctrl-C (see stop)
+                raise KeyboardInterrupt
             learning = global_step > args.learning_starts
             if learning:
                 action = np.asarray(next_action)[0]  # waits for the previous step's device work
@@ -994,6 +997,18 @@ def train(args: Args) -> dict:
     return {"eval_return": eval_return, "run_name": run_name}
 
 
+STOPPED: list[int] = []  # the Ctrl-C the loop has yet to act on
+
+
+def stop(signum: int, frame: Any) -> None:
+    """Ctrl-C ends the run at the end of its step rather than where it comes (Python's own KeyboardInterrupt, raised
+    while XLA compiles, can crash the interpreter); a second one ends it at once. With checkpoints on, crossq_utils.py
+    takes the signal instead, and stops with a checkpoint."""
+    if STOPPED:
+        os._exit(128 + signum)
+    STOPPED.append(signum)
+
+
 class Stdout(io.TextIOBase):
     """stdout that, once its reader has gone (`python crossq_jax.py ... | head`), drops what follows instead of
     ending the run at its next line."""
@@ -1008,7 +1023,7 @@ class Stdout(io.TextIOBase):
 
 
 if __name__ == "__main__":
-    sys.stdout = Stdout()
+    sys.stdout, _ = Stdout(), signal.signal(signal.SIGINT, stop)
     try:
         args = parse_args()
         load_utils("--eval-model").evaluate_model(THIS, args) if args.eval_model else train(args)

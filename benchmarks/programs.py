@@ -4,13 +4,13 @@
     python benchmarks/programs.py --widths 16 2048 --scripts crossq
     python benchmarks/programs.py --compare ../before    # the same programs as another checkout (a worktree)?
 
-A learning env step runs two jitted calls: `store` (the transition into the replay buffer) and `train_step`
-(the step's updates, then the next action), compiled once per pattern of actor updates that the script's
-schedule holds; `explore` draws the first action after the random warm-up. Each is compiled for this machine's
-default backend (run it on a GPU for the GPU's programs) and its optimised HLO counted outside fused
-computations: fusions, unfused dots, custom calls (cuBLAS on a GPU), copies, conditionals and loops, and
-"kernels", every instruction that does work (parameters, constants, tuples and bitcasts do none). On a CPU,
-JAX draws random numbers with rolled loops that a GPU build does not have: there `while` counts those too.
+A learning env step runs two jitted calls: `store` (the transition into the replay buffer) and `train_step` (the
+step's updates, then the next action), compiled once per `lead` (the step's critic updates before the first one the
+actor follows) that the script's schedule holds; `explore` draws the first action after the random warm-up. Each is
+compiled for this machine's default backend (run it on a GPU for the GPU's programs) and its optimised HLO counted
+outside fused computations: fusions, unfused dots, custom calls (cuBLAS on a GPU), copies, conditionals and loops, and
+"kernels", every instruction that does work (parameters, constants, tuples and bitcasts do none). On a CPU, JAX draws
+random numbers with rolled loops that a GPU build does not have: there `while` counts those too.
 
 With --compare, each program is lowered to StableHLO here and in the other checkout on the same Args instead,
 and compared: a refactoring that should not change speed must leave them the same (exit 1 if any differs).

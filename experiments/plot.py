@@ -146,14 +146,17 @@ def read_live(folder: Path) -> list[Run]:
 
 def read_logs(folder: Path) -> list[Run]:
     """Runs stopped before their last step, from what they printed (the log.txt of each {algo}/{env}/seed{N} cell
-    of a sweep): the curve read_curve makes from TensorBoard, here from the printed returns (to 0.1), without
-    training seconds (the progress line's SPS counts its phase alone). A run continued after a stop prints a step
+    of a sweep): the curve read_curve makes from TensorBoard, here from the printed returns (to 0.1), with training
+    seconds only from logs of before 2026-12-08 (their progress lines' SPS was env steps per training second, with an
+    ETA= field; SPS now counts its phase alone). A run continued after a stop prints a step
     again: the last print wins, as read_curve keeps the newest events."""
     runs = []
     for log in sorted(folder.glob("*/*/seed*/log.txt")):
-        returns, commands = {}, []
+        returns, seconds, commands = {}, {}, []
         for line in log.read_text().splitlines():
-            if match := re.match(r"step=(\d+) eval/episodic_return=(\S+) ", line):
+            if (match := re.match(r"step=(\d+) SPS=(\d+) ", line)) and " ETA=" in line:  # before SPS counted phases
+                seconds[int(match[1])] = int(match[1]) / int(match[2]) if int(match[2]) else None
+            elif match := re.match(r"step=(\d+) eval/episodic_return=(\S+) ", line):
                 returns[int(match[1])] = float(match[2])
             elif line.startswith("# ") and " $ " in line:  # sweep.py's line before each start of the run
                 commands.append(shlex.split(line.split(" $ ", 1)[1]))
@@ -164,7 +167,13 @@ def read_logs(folder: Path) -> list[Run]:
         # The env id and seed as the run had them (a folder name has the env id's / as -).
         algo, env, seed = log.parts[-4], first[first.index("--env-id") + 1], int(first[first.index("--seed") + 1])
         runs.append(
-            Run(algo, env, seed, eval_curve(returns, {}), {"log": log, "command": command, "env": env, "seed": seed})
+            Run(
+                algo,
+                env,
+                seed,
+                eval_curve(returns, seconds),
+                {"log": log, "command": command, "env": env, "seed": seed},
+            )
         )
     return runs
 

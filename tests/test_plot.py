@@ -125,8 +125,9 @@ def test_redraw_writes_figures_and_the_table_between_markers(tmp_path):
 
 def test_runs_stopped_early_are_read_from_their_printed_output(tmp_path):
     """A run cut short (its machine's time ran out) leaves only its sweep log.txt. Its returns come from what it
-    printed; where a resumed run printed a step again, the later print wins; a run
-    that finished is read from its result file, not from its log. A DMC id's / is - in the folder name."""
+    printed, its training seconds from the SPS of progress lines of the older format (with ETA=); where a resumed run
+    printed a step again, the later print wins; a run that finished is read from its result file, not from its log.
+    A DMC id's / is - in the folder name."""
     env, folder = "dm_control/reacher-easy-v0", "dm_control-reacher-easy-v0"
     write_result(tmp_path / "results" / "tiny", "crossq", env, 1, [600.0, 900.0])
     start = f"# 2026-12-04T14:49:25 $ /venv/bin/python3 /repo/crossq_jax.py --critic-width 256 --env-id {env} --seed"
@@ -136,7 +137,8 @@ def test_runs_stopped_early_are_read_from_their_printed_output(tmp_path):
         2: [f"{start} 2", "run x: logging to runs/x", "step=50000 SPS=100 episodic_return=1.0 ETA=? qf_loss=1.0",
             "step=50000 eval/episodic_return=100.0 +- 5.0 (10 episodes)", "stopped by SIGTERM; checkpoint written",
             f"{start} 2 --resume runs/x", "step=50000 SPS=125 episodic_return=2.0 ETA=0:00:10",
-            "step=50000 eval/episodic_return=300.0 +- 5.0 (10 episodes)", "step=80000 SPS=80 episodic_return=3.0",
+            "step=50000 eval/episodic_return=300.0 +- 5.0 (10 episodes)",
+            "step=80000 SPS=80 episodic_return=3.0 qf_loss=1.0 time_left=0:00:10",
             "step=80000 eval/episodic_return=700.5 +- 1.0 (10 episodes)"],
     }.items():  # fmt: skip
         (logs / f"seed{seed}").mkdir(parents=True)
@@ -145,8 +147,8 @@ def test_runs_stopped_early_are_read_from_their_printed_output(tmp_path):
     stopped = {run.seed: run for run in plot.read_logs(tmp_path / "unfinished" / "tiny")}
     assert (stopped[2].algo, stopped[2].env) == ("crossq", env)
     assert stopped[2].curve == [
-        {"step": 50_000, "return": 300.0, "train_seconds": None},  # the resumed print
-        {"step": 80_000, "return": 700.5, "train_seconds": None},
+        {"step": 50_000, "return": 300.0, "train_seconds": 400.0},  # 50000 steps at 125 SPS, the resumed print
+        {"step": 80_000, "return": 700.5, "train_seconds": None},  # a progress line of today: no seconds
     ]
     assert stopped[2].source["command"] == f"python crossq_jax.py --critic-width 256 --env-id {env} --seed 2"
 
