@@ -3,9 +3,11 @@
 # et al., 2022: critics with Dropout and LayerNorm, UTD 20). What goes beyond CleanRL (checkpoints and exact resume,
 # --eval-model, Q bias, DeepMind Control) is in crossq_utils.py, imported only by the flags that need it: docs/sac.md.
 import dataclasses
+import io
 import json
 import os
 import random
+import signal
 import sys
 import time
 import warnings
@@ -29,89 +31,51 @@ BN_MODES = ("none", "bn", "brn")
 
 @dataclasses.dataclass
 class Args:
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
-    seed: int = 1
-    """seed of the experiment: the env, its action space and the JAX keys all derive from it"""
-    track: bool = False
-    """if toggled, this experiment will be tracked with Weights and Biases"""
-    wandb_project_name: str = "crossq"
-    """the wandb's project name"""
-    wandb_entity: str | None = None
-    """the entity (team) of wandb's project"""
-    capture_video: bool = False
-    """if toggled, record the first episode of each evaluation to `videos/{run_name}`"""
-    save_model: bool = False
-    """if toggled, save the actor, the critics and the target critics to `runs/{run_name}`"""
-    eval_model: str | None = None
-    """evaluate a saved run (its directory, model file or checkpoint) for `--eval-episodes`, and exit (crossq_utils)"""
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the name of this experiment
+    seed: int = 1  # seed of the experiment: the env, its action space and the JAX keys all derive from it
+    track: bool = False  # if toggled, this experiment will be tracked with Weights and Biases
+    wandb_project_name: str = "crossq"  # the wandb's project name
+    wandb_entity: str | None = None  # the entity (team) of wandb's project
+    capture_video: bool = False  # if toggled, record the first episode of each evaluation to `videos/{run_name}`
+    save_model: bool = False  # if toggled, save the actor, the critics and the target critics to `runs/{run_name}`
+    eval_model: str | None = None  # evaluate a saved run (its directory, model file or checkpoint) and exit
 
     # Algorithm specific arguments (defaults: the SAC column of the paper's Table 1)
-    env_id: str = "Hopper-v4"
-    """the id of the environment (continuous Box actions; DeepMind Control as `dm_control/<domain>-<task>`)"""
-    total_timesteps: int = 1_000_000
-    """total timesteps of the experiment (env steps)"""
-    learning_starts: int = 5_000
-    """env steps of uniform-random actions before learning starts"""
-    gamma: float = 0.99
-    """the discount factor gamma"""
-    learning_rate: float = 1e-3
-    """the learning rate of the actor, critic and entropy-coefficient optimizers"""
-    buffer_size: int = 1_000_000
-    """the replay memory buffer size"""
-    batch_size: int = 256
-    """the batch size of sample from the replay memory"""
+    env_id: str = "Hopper-v4"  # the id of the environment (DeepMind Control: `dm_control/<domain>-<task>`)
+    total_timesteps: int = 1_000_000  # total timesteps of the experiment (env steps)
+    learning_starts: int = 5_000  # env steps of uniform-random actions before learning starts
+    gamma: float = 0.99  # the discount factor gamma
+    learning_rate: float = 1e-3  # the learning rate of the actor, critic and entropy-coefficient optimizers
+    buffer_size: int = 1_000_000  # the replay memory buffer size
+    batch_size: int = 256  # the batch size of sample from the replay memory
     critic_activation: Annotated[str, tyro.conf.arg(metavar="{" + ",".join(CRITIC_ACTIVATIONS) + "}")] = "relu"
     """the activation of the critics' hidden layers (the actor always uses relu); glu halves the width"""
-    layer_norm: bool = False
-    """LayerNorm after each hidden Dense (and Dropout) of the critics (DroQ)"""
-    dropout_rate: float = 0.0
-    """dropout rate after each hidden Dense of the critics, active in every training pass (DroQ: 0.01)"""
-    critic_width: int = 256
-    """the width of the critic's hidden layers (two: their number is the loop in Critic.__call__)"""
-    actor_width: int = 256
-    """the width of the actor's two hidden layers"""
-    tau: float = 0.005
-    """target networks: target <- tau * critic + (1 - tau) * target after every critic update"""
-    target_network: bool = True
-    """keep target critics (`--no-target-network`: none, one joint critic pass over (s, a) and (s', a') as CrossQ)"""
+    layer_norm: bool = False  # LayerNorm after each hidden Dense (and Dropout) of the critics (DroQ)
+    dropout_rate: float = 0.0  # dropout after each hidden Dense of the critics, in every training pass (DroQ: 0.01)
+    critic_width: int = 256  # the width of the critic's hidden layers (two: the loop in Critic.__call__)
+    actor_width: int = 256  # the width of the actor's two hidden layers
+    tau: float = 0.005  # target networks: target <- tau * critic + (1 - tau) * target after every critic update
+    target_network: bool = True  # target critics (`--no-target-network`: none, one joint critic pass as CrossQ)
     bn_mode: Annotated[str, tyro.conf.arg(metavar="{" + ",".join(BN_MODES) + "}")] = "none"
     """normalisation layers in critics and actor: none, BatchNorm (bn) or Batch Renormalization (brn)"""
-    bn_momentum: float = 0.99
-    """momentum of the running statistics of the normalisation layers"""
-    bn_warmup_steps: int = 100_000
-    """train-mode calls of a BRN layer during which it acts as plain BatchNorm"""
-    actor_bn: bool = True
-    """with --bn-mode bn or brn, normalise the actor too, as the authors' code does (`--no-actor-bn`: critics only)"""
-    target_bn_stats: Literal["live", "polyak"] = "live"
-    """the target critics' running statistics: the live critics' or their own, Polyak-averaged like their parameters"""
-    adam_b1: float = 0.9
-    """Adam's beta1 for the actor and the critic"""
-    utd: int = 1
-    """update-to-data ratio: critic updates per env step"""
-    policy_delay: int = 1
-    """the actor (and alpha) is updated after every `policy_delay`-th critic update"""
-    n_critics: int = 2
-    """the number of critics in the ensemble"""
-    target_subset_size: int = 2
-    """M: the TD target takes the min over a random subset of M target critics, drawn anew per update (REDQ)"""
-    actor_q_reduce: Literal["min", "mean"] = "min"
-    """how the actor loss combines the critics' values: min (SAC) or mean (REDQ, DroQ)"""
-    eval_freq: int = 10_000
-    """evaluate the deterministic policy every `eval_freq` env steps (0: only at the end)"""
-    eval_episodes: int = 10
-    """the number of episodes of each evaluation"""
-    log_freq: int = 1_000
-    """log losses every `log_freq` env steps and print a progress line"""
-    q_bias_freq: int = 0
-    """measure the critic's Q bias every `q_bias_freq` env steps (0: off; Figures 7 and 17; crossq_utils.py)"""
-    q_bias_samples: int = 1_000
-    """the states (s, a) each Q-bias measurement compares the critic's Q with their Monte-Carlo return on"""
-    q_bias_cutoff: int = 350
-    """only the first `q_bias_cutoff` states of each Q-bias episode count (later ones have too little episode left)"""
-    checkpoint_freq: int = 0
-    """checkpoint to `runs/{run_name}` every `checkpoint_freq` steps, at the end, on SIGTERM (0: off; crossq_utils)"""
-    resume: str | None = None
+    bn_momentum: float = 0.99  # momentum of the running statistics of the normalisation layers
+    bn_warmup_steps: int = 100_000  # train-mode calls of a BRN layer during which it acts as plain BatchNorm
+    actor_bn: bool = True  # with --bn-mode bn or brn, normalise the actor too (`--no-actor-bn`: critics only)
+    target_bn_stats: Literal["live", "polyak"] = "live"  # the target critics' statistics: the live ones or their own
+    adam_b1: float = 0.9  # Adam's beta1 for the actor and the critic
+    utd: int = 1  # update-to-data ratio: critic updates per env step
+    policy_delay: int = 1  # the actor (and alpha) is updated after every `policy_delay`-th critic update
+    n_critics: int = 2  # the number of critics in the ensemble
+    target_subset_size: int = 2  # M: the TD target's min is over M random target critics, drawn per update (REDQ)
+    actor_q_reduce: Literal["min", "mean"] = "min"  # the actor loss on the critics' min (SAC) or mean (REDQ, DroQ)
+    eval_freq: int = 10_000  # evaluate the deterministic policy every `eval_freq` env steps (0: only at the end)
+    eval_episodes: int = 10  # the number of episodes of each evaluation
+    log_freq: int = 1_000  # log losses every `log_freq` env steps and print a progress line
+    q_bias_freq: int = 0  # measure the critic's Q bias every `q_bias_freq` env steps (0: off; Figures 7 and 17)
+    q_bias_samples: int = 1_000  # the states (s, a) each Q-bias measurement compares Q with the Monte-Carlo return on
+    q_bias_cutoff: int = 350  # only the first `q_bias_cutoff` states of each Q-bias episode count
+    checkpoint_freq: int = 0  # checkpoint every `checkpoint_freq` env steps, at the end and on SIGTERM (0: off)
+    resume: str | None = None  # continue the run saved in this run directory or checkpoint exactly where it stopped
 
 
 HIGH_UTD = {"utd": 20, "policy_delay": 20, "actor_q_reduce": "mean"}  # REDQ's and DroQ's: the actor once per env step
@@ -141,8 +105,7 @@ def parse_args(argv: list[str] | None = None) -> Args:
     return args
 
 
-class ConfigError(ValueError):
-    """A bad command line or environment, reported as one line (exit 2) before any compute is spent."""
+class ConfigError(ValueError): ...  # a bad command line or env, reported in one line (exit 2) before any compute
 
 
 THIS = sys.modules[__name__]  # what crossq_utils.py is given: it looks up this file's functions when it calls them
@@ -191,16 +154,15 @@ def gym_make(env_id: str, **kwargs) -> gym.Env:
             env = gym.wrappers.FlattenObservation(env)
         except Exception:  # a space gymnasium cannot flatten (a custom one)
             env = None
-        if env is None or not isinstance(env.observation_space, gym.spaces.Box) or env.observation_space.ndim != 1:
+        if env is None or not isinstance(flat := env.observation_space, gym.spaces.Box) or len(flat.shape) != 1:
             raise ConfigError(f"{env_id} has observations of {space}, which do not flatten into a vector")
     return env
 
 
-# ALGO LOGIC: Batch Renormalization (the `--bn-mode` ablations; plain SAC has none)
-# ALGO LOGIC: Batch Renormalization (the `--bn-mode` ablations; plain SAC has none)
+# ALGO LOGIC: Batch Renormalization (Ioffe, 2017), for the `--bn-mode` ablations (plain SAC has none): BatchNorm whose
+# batch statistics are corrected by r and d toward the running ones after `warmup_steps` train calls; r_max=1, d_max=0
+# is plain BatchNorm.
 class BatchRenorm(nn.Module):
-    """Batch Renormalization (Ioffe, 2017): BatchNorm corrected toward the running statistics after `warmup_steps`."""
-
     use_running_average: bool | None = None
     momentum: float = 0.99
     epsilon: float = 1e-3
@@ -242,9 +204,7 @@ class BatchRenorm(nn.Module):
 
 
 # ALGO LOGIC: networks
-class CriticActivation(nn.Module):
-    """The critics' activation as the authors' sbx/sac/utils.py defines it (glu halves the width)."""
-
+class CriticActivation(nn.Module):  # --critic-activation, as the authors' sbx/sac/utils.py (glu halves the width)
     kind: str = "relu"
 
     @nn.compact
@@ -258,9 +218,7 @@ class CriticActivation(nn.Module):
         return {**elementwise, "glu": nn.glu, "gelu": nn.gelu, "silu": nn.silu}[self.kind](x)
 
 
-class Normalization(nn.Module):
-    """The layer `--bn-mode` selects: BRN, plain BN (BRN with r=1, d=0 and flax's epsilon) or none (the identity)."""
-
+class Normalization(nn.Module):  # --bn-mode: BRN, plain BN (BRN with r=1, d=0 and flax's epsilon) or none
     mode: str = "none"
     momentum: float = 0.99
     warmup_steps: int = 100_000
@@ -274,12 +232,10 @@ class Normalization(nn.Module):
         return BatchRenorm(not train, self.momentum, warmup_steps=self.warmup_steps, **limits)(x)
 
 
-class Critic(nn.Module):
-    """Q(s, a): concat(s, a) -> norm -> [Dense -> Dropout -> LayerNorm -> act -> norm] x 2 -> Dense(1) (DroQ's)."""
-
+class Critic(nn.Module):  # Q(s, a): norm(s, a) -> [Dense -> Dropout -> LayerNorm -> act -> norm] x 2 -> Dense(1)
     width: int = 256
     activation: str = "relu"
-    layer_norm: bool = False
+    layer_norm: bool = False  # DroQ's, as its Dropout
     dropout_rate: float = 0.0
     bn_mode: str = "none"
     bn_momentum: float = 0.99
@@ -299,9 +255,7 @@ class Critic(nn.Module):
         return nn.Dense(1)(x).squeeze(-1)
 
 
-class CriticEnsemble(Critic):
-    """`n_critics` independent Critics (own parameters, statistics, dropout masks) in one call: (n_critics, batch)."""
-
+class CriticEnsemble(Critic):  # `n_critics` independent Critics (own dropout masks too), in one call: (n_critics, B)
     n_critics: int = 2
 
     @nn.compact
@@ -313,9 +267,7 @@ class CriticEnsemble(Critic):
         return critic(obs, actions, train, use_running_average)
 
 
-class Actor(nn.Module):
-    """pi(a|s): s -> norm -> [Dense -> relu -> norm] x 2 -> (mean, log_std) of a tanh-squashed Gaussian."""
-
+class Actor(nn.Module):  # pi(a|s): s -> norm -> [Dense -> relu -> norm] x 2 -> (mean, log_std) of a tanh-Gaussian
     action_dim: int
     width: int = 256
     bn_mode: str = "none"
@@ -345,23 +297,22 @@ def sample_tanh_gaussian(mean: jax.Array, log_std: jax.Array, key: jax.Array) ->
 
 
 class BNTrainState(TrainState):
-    """A TrainState with running statistics; the critics' with the target critics' (None: none) and their apply_fn."""
+    batch_stats: Any  # the network's running statistics, beside its parameters (empty without normalisation)
 
-    batch_stats: Any
-    target_params: Any = None
-    target_batch_stats: Any = None
-    target_apply_fn: Callable | None = flax.struct.field(pytree_node=False, default=None)
+
+class CriticTrainState(BNTrainState):  # the critics', with their target critics
+    target_params: Any  # Polyak-averaged parameters; None with --no-target-network
+    target_batch_stats: Any  # their own running statistics (--target-bn-stats polyak); None: the live critics'
+    target_apply_fn: Callable = flax.struct.field(pytree_node=False)  # the M-member ensemble of the target pass (REDQ)
 
 
 class AgentState(NamedTuple):
     actor: BNTrainState
-    critic: BNTrainState
+    critic: CriticTrainState
     log_alpha: TrainState  # log of the entropy coefficient, learned
 
 
-class Metrics(NamedTuple):
-    """What the update reports; carried between steps so that delayed actor losses stay visible."""
-
+class Metrics(NamedTuple):  # what the update reports; carried between steps so that delayed actor losses stay visible
     qf_loss: jax.Array
     qf_values: jax.Array
     actor_loss: jax.Array
@@ -439,17 +390,17 @@ def create_agent(args: Args, obs_dim: int, action_dim: int, key: jax.Array) -> A
     actor_vars = jax.jit(actor.init)(actor_key, obs)  # jitted: eagerly, each op of the pass would compile alone
     critic_vars = jax.jit(critic.init, static_argnames="train")(critic_key, obs, actions, train=False)
     adam = optax.adam(args.learning_rate, b1=args.adam_b1)
-    state = lambda module, v, **targets: BNTrainState.create(
+    state = lambda cls, module, v, **targets: cls.create(
         apply_fn=module.apply, params=v["params"], batch_stats=v.get("batch_stats", {}), tx=adam, **targets
     )
     copy = lambda tree: jax.tree.map(jnp.copy, tree)  # an exact copy in buffers of its own: the update donates both
     targets = {"target_params": copy(critic_vars["params"]) if args.target_network else None}
     targets["target_batch_stats"] = copy(critic_vars["batch_stats"]) if own_stats else None
-    critic = state(critic, critic_vars, **targets, target_apply_fn=target_critic.apply)
+    critic = state(CriticTrainState, critic, critic_vars, **targets, target_apply_fn=target_critic.apply)
     # alpha starts at 1.0; its Adam keeps the default betas.
     log_alpha = {"log_alpha": jnp.zeros((), jnp.float32)}
     log_alpha = TrainState.create(apply_fn=None, params=log_alpha, tx=optax.adam(args.learning_rate))
-    return AgentState(actor=state(actor, actor_vars), critic=critic, log_alpha=log_alpha)
+    return AgentState(actor=state(BNTrainState, actor, actor_vars), critic=critic, log_alpha=log_alpha)
 
 
 def variables_of(state: BNTrainState) -> dict:
@@ -462,9 +413,19 @@ def polyak_update(params: Any, target_params: Any, tau: float) -> Any:
     return jax.tree.map(average, params, target_params)
 
 
+# Dropout (DroQ) is active in every pass through the critics in training, each with masks of its own (DroQ's Algorithm
+# 2 updates the policy on the dropout Q-functions; the DroQ and CrossQ authors' code alike); only the actor acts in the
+# env. Normalisation layers use the batch's statistics in the critic-loss pass only.
 def q_values(apply_fn: Callable, variables: dict, obs: jax.Array, actions: jax.Array, dropout_key: jax.Array):
-    """Q of every member, (n, B): running statistics, dropout active as in every training pass (DroQ's Algorithm 2)."""
+    """Q of every ensemble member, (n, B), with dropout active and running statistics (eval mode)."""
     return apply_fn(variables, obs, actions, train=True, rngs={"dropout": dropout_key})
+
+
+def target_subset(key: jax.Array, n_critics: int, subset_size: int) -> jax.Array:
+    """REDQ's random subset: `subset_size` distinct critic indices, uniform without replacement."""
+    if subset_size == n_critics:  # SAC, DroQ: every critic, nothing to draw
+        return jnp.arange(n_critics)
+    return jax.random.choice(key, n_critics, (subset_size,), replace=False)
 
 
 def td_target(agent: AgentState, batch: Transition, key: jax.Array, gamma: float, subset_size: int) -> jax.Array:
@@ -474,8 +435,7 @@ def td_target(agent: AgentState, batch: Transition, key: jax.Array, gamma: float
     next_mean, next_log_std = agent.actor.apply_fn(variables_of(agent.actor), batch.next_obs, train=False)
     next_actions, next_logp = sample_tanh_gaussian(next_mean, next_log_std, action_key)
     critic, (subset_key, dropout_key) = agent.critic, jax.random.split(target_key)
-    n, m = jax.tree.leaves(critic.target_params)[0].shape[0], subset_size  # REDQ: m distinct of n; SAC, DroQ: all
-    subset = jnp.arange(n) if m == n else jax.random.choice(subset_key, n, (m,), replace=False)
+    subset = target_subset(subset_key, jax.tree.leaves(critic.target_params)[0].shape[0], subset_size)
     stats = critic.batch_stats if critic.target_batch_stats is None else critic.target_batch_stats  # or the live ones
     variables = jax.tree.map(lambda leaf: leaf[subset], {"params": critic.target_params, "batch_stats": stats})
     next_q = q_values(critic.target_apply_fn, variables, batch.next_obs, next_actions, dropout_key).min(axis=0)
@@ -496,8 +456,7 @@ def critic_loss(params, agent: AgentState, batch: Transition, target: jax.Array 
     q, updates = agent.critic.apply_fn(variables, obs, actions, rngs={"dropout": dropout_key}, **train_pass)
     if target is None:
         q, next_q = jnp.split(q, 2, axis=1)  # each (n_critics, B)
-        n, m = q.shape[0], args.target_subset_size
-        next_q = next_q[jnp.arange(n) if m == n else jax.random.choice(subset_key, n, (m,), replace=False)].min(axis=0)
+        next_q = next_q[target_subset(subset_key, q.shape[0], args.target_subset_size)].min(axis=0)
         next_v = next_q - alpha * next_logp
         target = jax.lax.stop_gradient(batch.rewards + args.gamma * (1.0 - batch.terminations) * next_v)
     return 0.5 * ((q - target) ** 2).mean(axis=1).sum(), (updates.get("batch_stats", {}), q.mean())
@@ -521,7 +480,7 @@ def alpha_loss(params: dict, logp: jax.Array, target_entropy: float) -> jax.Arra
 
 
 def make_train_step(args: Args, action_dim: int):
-    """The jitted env step's `utd` updates and next action; `phase`: the run's critic updates before, % policy_delay."""
+    """The jitted env step's `utd` updates and next action; `lead`: its critic updates before the actor's first."""
     target_entropy = -float(action_dim)
 
     def update(carry: tuple, inputs: tuple, with_actor: bool):
@@ -557,17 +516,17 @@ def make_train_step(args: Args, action_dim: int):
         """One update per batch of `inputs` in a loop of known length (no host round trip); whether each is finite."""
         return jax.lax.scan(lambda carry, x: update(carry, x, with_actor), carry, inputs)
 
-    def train_step(agent: AgentState, metrics: Metrics, buffer: ReplayBuffer, keys: dict, obs: jax.Array, phase: int):
+    def train_step(agent: AgentState, metrics: Metrics, buffer: ReplayBuffer, keys: dict, obs: jax.Array, lead: int):
         next_update_key, step_key = jax.random.split(keys["update"])
         batch_keys, target_keys, dropout_keys, actor_keys = jnp.moveaxis(
             jax.vmap(lambda key: jax.random.split(key, 4))(jax.random.split(step_key, args.utd)), 1, 0
         )
-        batches = jax.vmap(lambda key: buffer_sample(buffer, key, args.batch_size))(batch_keys)  # store_step writes
+        batches = jax.vmap(lambda key: buffer_sample(buffer, key, args.batch_size))(batch_keys)  # only read: see store
         per_update = (batches, target_keys, dropout_keys, actor_keys)
         take = lambda start, n: jax.tree.map(lambda x: x[start : start + n], per_update)
-        # The actor follows every `policy_delay`-th critic update of the run: after `lead` critic-only updates, then
-        # once a period; a loop over the whole periods keeps the program's size whatever --utd is.
-        delay, lead = args.policy_delay, min(args.policy_delay - 1 - phase, args.utd)
+        # After `lead` critic-only updates, the actor follows the first update of each period of `policy_delay`; a
+        # loop over the whole periods keeps the program's size whatever --utd is.
+        delay = args.policy_delay
         periods, rest = divmod(args.utd - lead, delay)
         carry, finite = (agent, metrics), []
 
@@ -601,7 +560,7 @@ def make_train_step(args: Args, action_dim: int):
         action = explore(*jax.lax.optimization_barrier((agent.actor, obs, explore_key)))
         return agent, metrics, {"update": next_update_key, "explore": explore_key}, action
 
-    return jax.jit(train_step, static_argnames="phase", donate_argnums=(0, 1))
+    return jax.jit(train_step, static_argnames="lead", donate_argnums=(0, 1))
 
 
 # ALGO LOGIC: acting and evaluation
@@ -612,9 +571,9 @@ def explore(actor_state: BNTrainState, obs: jax.Array, explore_key: jax.Array) -
     return sample_tanh_gaussian(mean, log_std, jax.random.split(explore_key)[1])[0]
 
 
-deterministic_action = jax.jit(
-    lambda actor_state, obs: jnp.tanh(actor_state.apply_fn(variables_of(actor_state), obs)[0])
-)
+@jax.jit
+def deterministic_action(actor_state: BNTrainState, obs: jax.Array) -> jax.Array:
+    return jnp.tanh(actor_state.apply_fn(variables_of(actor_state), obs, train=False)[0])  # tanh(mean), eval mode
 
 
 def evaluate(actor_state: BNTrainState, env: gym.Env, n_episodes: int) -> list[float]:
@@ -673,8 +632,8 @@ def check_args(args: Args) -> None:
         elif low == 0 and high in (INT32_MAX, float("inf")):
             rule = ("must not be negative" if low_ok else "must be positive") + ("" if high_ok else " and finite")
         else:
-            rule = f"must lie in {'[('[not low_ok]}{low}, {high}{'])'[not high_ok]}"
-            rule = rule.replace(".0,", ",").replace(".0)", ")")
+            ends = [f"{end:g}" if isinstance(end, float) else f"{end}" for end in (low, high)]
+            rule = f"must lie in {'[('[not low_ok]}{ends[0]}, {ends[1]}{'])'[not high_ok]}"
         raise ConfigError(f"--{name.replace('_', '-')} {rule} (got {value}{'' if x == value else f', {x} in float32'})")
     for name, choices in CHOICES.items():
         if (value := getattr(args, name)) not in choices:
@@ -696,7 +655,7 @@ def check_args(args: Args) -> None:
 
 
 def check_env(env_id: str, render: bool = False) -> tuple[int, int]:
-    """Refuse an env the agent cannot drive, or (`render`: --capture-video) draw; returns (obs_dim, action_dim)."""
+    """Refuse an env the agent cannot drive, reset and step (with `render`, draw); returns (obs_dim, action_dim)."""
     try:
         env = gym_make(env_id, **({"render_mode": "rgb_array"} if render else {}))
         if render and env.reset(seed=0) and np.ndim(env.render()) != 3:
@@ -712,7 +671,6 @@ def check_env(env_id: str, render: bool = False) -> tuple[int, int]:
             "apt-get install libegl1 libegl-mesa0 libgl1-mesa-dri (docs/evaluation.md)"
         ) from None
     actions, observations = env.action_space, env.observation_space
-    env.close()
     box = isinstance(actions, gym.spaces.Box)
     if not box or len(actions.shape) != 1 or actions.shape[0] == 0:
         what = f"actions of shape {actions.shape}" if box else f"a {type(actions).__name__} action space"
@@ -721,6 +679,12 @@ def check_env(env_id: str, render: bool = False) -> tuple[int, int]:
         raise ConfigError(f"{env_id} has unbounded action bounds or low >= high; the agent needs finite low < high")
     if observations.shape[0] == 0:
         raise ConfigError(f"{env_id} has empty observations (shape {observations.shape})")
+    try:  # once what the loop does with it: a malformed env is refused now, not after the first compile
+        obs, (next_obs, reward, *_) = env.reset(seed=0)[0], env.step(actions.sample())
+        assert np.shape(obs) == np.shape(next_obs) == observations.shape and np.ndim(reward) == 0, "malformed output"
+    except Exception as e:
+        raise ConfigError(f"{env_id} does not reset and step as its spaces say ({type(e).__name__}: {e})") from None
+    env.close()
     return observations.shape[0], actions.shape[0]
 
 
@@ -754,9 +718,7 @@ def check_memory(args: Args, obs_dim: int, action_dim: int) -> None:
 
 
 # Logging, saving, and stopping a diverged run (exit 1) with a message that names the step
-class SummaryWriter:
-    """What CleanRL's scripts use of torch's SummaryWriter, on the `tensorboard` package alone."""
-
+class SummaryWriter:  # what CleanRL's scripts use of torch's SummaryWriter, on the `tensorboard` package alone
     def __init__(self, log_dir: str):
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
@@ -783,7 +745,9 @@ def save_model(agent: AgentState, args: Args, path: str) -> None:
         f.write(flax.serialization.to_bytes(model))
         os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
-    print(f"model saved to {path}", flush=True)
+    print(
+        f"model saved to {path}; evaluate it with: python {os.path.relpath(__file__)} --eval-model {path}", flush=True
+    )
 
 
 all_finite = jax.jit(lambda tree: jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]).all())
@@ -805,8 +769,15 @@ def start_logging(args: Args, run_name: str) -> SummaryWriter:
         import wandb
 
         wandb_run = {"project": args.wandb_project_name, "entity": args.wandb_entity, "name": run_name}
-        wandb.init(**wandb_run, sync_tensorboard=True, config=vars(args), save_code=True)
+        try:
+            wandb.init(**wandb_run, sync_tensorboard=True, config=vars(args), save_code=True)
+        except Exception as e:  # not logged in, no network, a bad entity ...
+            reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+            message = f"--track: W&B could not start a run ({reason}); `wandb login`, or WANDB_MODE=offline"
+            raise ConfigError(message) from None
     writer = SummaryWriter(f"runs/{run_name}")
+    with open(f"runs/{run_name}/args.json", "w") as f:  # the flags of this run (a resumed one's as resumed)
+        json.dump(vars(args), f, indent=2)
     if not args.resume:
         table = "\n".join(f"|{name}|{value}|" for name, value in vars(args).items())
         writer.add_scalar("hyperparameters", 0.0, 0, f"|param|value|\n|-|-|\n{table}")
@@ -826,9 +797,10 @@ def train(args: Args) -> dict:
     obs_dim, action_dim = check_env(args.env_id, render=args.capture_video)
     check_memory(args, obs_dim, action_dim)
     run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    checkpoints = None
+    # --resume, --checkpoint-freq and --q-bias-freq need crossq_utils.py: refused now if it is missing
+    flag = next((f for f in ["resume", "checkpoint_freq", "q_bias_freq"] if getattr(args, f)), None)
+    utils, checkpoints = load_utils(f"--{flag.replace('_', '-')}") if flag else None, None
     if args.checkpoint_freq or args.resume:  # every check of the checkpoint to resume comes before any compute
-        utils = load_utils("--checkpoint-freq" if args.checkpoint_freq else "--resume")
         checkpoints = utils.Checkpoints(THIS, args, run_name, obs_dim, action_dim)
         run_name = checkpoints.run_name  # a resumed run keeps its own
     # Seeding: Python and numpy for good measure; the env, its action space and JAX explicitly.
@@ -863,6 +835,8 @@ def train(args: Args) -> dict:
     sps_from = (start_step, train_seconds)
     try:
         for global_step in range(start_step + 1, args.total_timesteps + 1):
+            if STOPPED:  # Ctrl-C (see stop)
+                raise KeyboardInterrupt
             learning = global_step > args.learning_starts
             if learning:
                 action = np.asarray(next_action)[0]  # waits for the previous step's device work
@@ -881,15 +855,17 @@ def train(args: Args) -> dict:
             # One transfer per step: the transition (only a true terminal ends the return), then the next action's obs.
             step_data = np.concatenate([obs, action, [reward, terminated], next_obs, policy_obs], dtype=np.float32)
             if not np.isfinite(step_data).all():  # as the float32 the buffer stores: 1e39 is inf there
-                raise FloatingPointError(
-                    f"{args.env_id} returned a NaN/inf observation or reward at env step {global_step}"
-                )
+                where = f"in float32 (as stored) at env step {global_step}"
+                raise FloatingPointError(f"{args.env_id} returned an observation or reward that is NaN/inf {where}")
             buffer, device_obs = store(buffer, step_data)
             obs = policy_obs
             if learning:  # this step's updates, then the next step's action: one compiled program, no host wait
-                # The actor's updates fall by this phase alone: a program per phase, no conditional (on a GPU: a wait).
-                phase = (global_step - args.learning_starts - 1) * args.utd % args.policy_delay
-                agent, metrics, keys, next_action = train_step(agent, metrics, buffer, keys, device_obs, phase)
+                # Delayed policy updates: the actor follows every policy_delay-th critic update of the run. `lead`, this
+                # step's critic updates before its first such one, is static: one compiled program per value (at most
+                # policy_delay) and no conditional, which on a GPU stops the host until the device gets there.
+                updates_before = (global_step - args.learning_starts - 1) * args.utd
+                lead = min(args.policy_delay - 1 - updates_before % args.policy_delay, args.utd)
+                agent, metrics, keys, next_action = train_step(agent, metrics, buffer, keys, device_obs, lead)
             elif global_step == args.learning_starts:
                 next_action = explore(agent.actor, device_obs, keys["explore"])
             if global_step % args.log_freq == 0:  # charts/SPS, losses/* and one plain line
@@ -915,10 +891,10 @@ def train(args: Args) -> dict:
                 returns = evaluate(agent.actor, eval_env, args.eval_episodes)
                 eval_return = float(np.mean(returns))
                 writer.add_scalar("eval/episodic_return", eval_return, global_step)
-                line = f"step={global_step} eval/episodic_return={eval_return:.1f} +- {np.std(returns):.1f}"
-                print(f"{line} ({len(returns)} episodes)", flush=True)
+                spread = f"+- {np.std(returns):.1f} ({len(returns)} episodes)"
+                print(f"step={global_step} eval/episodic_return={eval_return:.1f} {spread}", flush=True)
             if args.q_bias_freq and global_step % args.q_bias_freq == 0:  # the paper's Figures 7 and 17
-                load_utils("--q-bias-freq").log_q_bias(THIS, writer, agent, args, global_step)
+                utils.log_q_bias(THIS, writer, agent, args, global_step)
             # Checkpoints every --checkpoint-freq env steps, at the end, and after SIGTERM or Ctrl-C (then it stops).
             if checkpoints:
                 state = {"agent": agent, "buffer": buffer, "metrics": metrics, "keys": keys, "obs": obs}
@@ -927,18 +903,39 @@ def train(args: Args) -> dict:
             clock_start += time.perf_counter() - paused_at
         if args.save_model:
             save_model(agent, args, f"runs/{run_name}/{args.exp_name}.crossq_model")
-    finally:
-        writer.close()
-        env.close()
-        eval_env.close()  # writes its last video
-        if checkpoints:
-            checkpoints.close()
+    finally:  # however the loop ends: the events flushed, the last video written, the signal handlers put back
+        for resource in (writer, env, eval_env, checkpoints):
+            if resource is not None:
+                resource.close()
         if args.track:
             sys.modules["wandb"].finish()
     return {"eval_return": eval_return, "run_name": run_name}
 
 
+STOPPED: list[int] = []  # the Ctrl-C the loop has yet to act on
+
+
+def stop(signum: int, frame: Any) -> None:
+    """Ctrl-C ends the run at the end of its step rather than where it comes (Python's own KeyboardInterrupt, raised
+    while XLA compiles, can crash the interpreter); a second one ends it at once. With checkpoints on, crossq_utils.py
+    takes the signal instead, and stops with a checkpoint."""
+    if STOPPED:
+        os._exit(128 + signum)
+    STOPPED.append(signum)
+
+
+class Stdout(io.TextIOBase):  # stdout that drops what follows once its reader has gone (`... | head`), not the run
+    def write(self, text: str) -> int:
+        try:
+            sys.__stdout__.write(text)
+            sys.__stdout__.flush()
+        except BrokenPipeError:  # into /dev/null from now on (Python's own flush at exit would fail too)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.__stdout__.fileno())
+        return len(text)
+
+
 if __name__ == "__main__":
+    sys.stdout, _ = Stdout(), signal.signal(signal.SIGINT, stop)
     try:
         args = parse_args()
         load_utils("--eval-model").evaluate_model(THIS, args) if args.eval_model else train(args)
