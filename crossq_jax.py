@@ -35,80 +35,46 @@ BN_MODES = ("brn", "bn", "none", "layernorm")
 
 @dataclasses.dataclass
 class Args:
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
-    seed: int = 1
-    """seed of the experiment: the env, its action space and the JAX keys all derive from it"""
-    track: bool = False
-    """if toggled, this experiment will be tracked with Weights and Biases"""
-    wandb_project_name: str = "crossq"
-    """the wandb's project name"""
-    wandb_entity: str | None = None
-    """the entity (team) of wandb's project"""
-    capture_video: bool = False
-    """if toggled, record the first episode of each evaluation to `videos/{run_name}`"""
-    save_model: bool = False
-    """if toggled, save the actor and critic (parameters and batch statistics) to `runs/{run_name}`"""
-    eval_model: str | None = None
-    """evaluate a saved model (a run directory, its `--save-model` file, or a checkpoint) for `--eval-episodes`
-    episodes and exit; `--seed` and `--capture-video` apply, the rest is the saved run's (needs crossq_utils.py)"""
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the name of this experiment
+    seed: int = 1  # seed of the experiment: the env, its action space and the JAX keys all derive from it
+    track: bool = False  # if toggled, this experiment will be tracked with Weights and Biases
+    wandb_project_name: str = "crossq"  # the wandb's project name
+    wandb_entity: str | None = None  # the entity (team) of wandb's project
+    capture_video: bool = False  # if toggled, record the first episode of each evaluation to `videos/{run_name}`
+    save_model: bool = False  # if toggled, save the actor and critic (with batch statistics) to `runs/{run_name}`
+    eval_model: str | None = None  # evaluate a saved run (its directory, model file or checkpoint) and exit (*)
 
     # Algorithm specific arguments (defaults: the CrossQ column of the paper's Table 1)
-    env_id: str = "Hopper-v4"
-    """the id of the environment (a gymnasium env with a continuous Box action space; DeepMind Control as
-    `dm_control/<domain>-<task>`, with crossq_utils.py)"""
-    total_timesteps: int = 1_000_000
-    """total timesteps of the experiment (env steps)"""
-    learning_starts: int = 5_000
-    """env steps of uniform-random actions before learning starts"""
-    gamma: float = 0.99
-    """the discount factor gamma"""
-    learning_rate: float = 1e-3
-    """the learning rate of the actor, critic and entropy-coefficient optimizers"""
-    buffer_size: int = 1_000_000
-    """the replay memory buffer size"""
-    batch_size: int = 256
-    """the batch size of sample from the replay memory (the joint pass sees twice as many rows)"""
+    env_id: str = "Hopper-v4"  # the id of the environment (DeepMind Control: `dm_control/<domain>-<task>` (*))
+    total_timesteps: int = 1_000_000  # total timesteps of the experiment (env steps)
+    learning_starts: int = 5_000  # env steps of uniform-random actions before learning starts
+    gamma: float = 0.99  # the discount factor gamma
+    learning_rate: float = 1e-3  # the learning rate of the actor, critic and entropy-coefficient optimizers
+    buffer_size: int = 1_000_000  # the replay memory buffer size
+    batch_size: int = 256  # the batch size of sample from the replay memory (the joint pass sees twice as many rows)
     critic_activation: Annotated[str, tyro.conf.arg(metavar="{" + ",".join(CRITIC_ACTIVATIONS) + "}")] = "relu"
     """the activation of the critics' hidden layers (the actor always uses relu); glu halves the width"""
     bn_mode: Annotated[str, tyro.conf.arg(metavar="{" + ",".join(BN_MODES) + "}")] = "brn"
     """normalisation layers: Batch Renormalization, plain BatchNorm, none, or layernorm (the paper's LayerNorm
     ablation: LayerNorm before each hidden activation of the critics, no normalisation in the actor)"""
-    bn_momentum: float = 0.99
-    """momentum of the running statistics of the normalisation layers"""
-    bn_warmup_steps: int = 100_000
-    """train-mode calls of a BRN layer during which it acts as plain BatchNorm"""
-    actor_bn: bool = True
-    """normalise the actor too (`--no-actor-bn`: the paper's critic-only ablation)"""
-    critic_width: int = 2048
-    """the width of the critic's hidden layers (two: their number is the loop in Critic.__call__)"""
-    actor_width: int = 256
-    """the width of the actor's two hidden layers"""
-    adam_b1: float = 0.5
-    """Adam's beta1 for the actor and the critic"""
-    utd: int = 1
-    """update-to-data ratio: critic updates per env step"""
-    policy_delay: int = 3
-    """the actor (and alpha) is updated after every `policy_delay`-th critic update"""
-    n_critics: int = 2
-    """the number of critics in the ensemble (the TD target takes their minimum)"""
-    eval_freq: int = 10_000
-    """evaluate the deterministic policy every `eval_freq` env steps (0: only at the end)"""
-    eval_episodes: int = 10
-    """the number of episodes of each evaluation"""
-    log_freq: int = 1_000
-    """log losses every `log_freq` env steps and print a progress line"""
-    q_bias_freq: int = 0
-    """measure the critic's Q bias every `q_bias_freq` env steps (0: off; Figures 7 and 17; needs crossq_utils.py)"""
-    q_bias_samples: int = 1_000
-    """the states (s, a) each Q-bias measurement compares the critic's Q with their Monte-Carlo return on"""
-    q_bias_cutoff: int = 350
-    """only the first `q_bias_cutoff` states of each Q-bias episode count (later ones have too little episode left)"""
-    checkpoint_freq: int = 0
-    """write `runs/{run_name}/checkpoint.npz` every `checkpoint_freq` env steps, at the end, and on SIGTERM or
-    Ctrl-C (0: off; needs crossq_utils.py)"""
-    resume: str | None = None
-    """continue the run saved in this run directory or checkpoint exactly where it stopped (needs crossq_utils.py)"""
+    bn_momentum: float = 0.99  # momentum of the running statistics of the normalisation layers
+    bn_warmup_steps: int = 100_000  # train-mode calls of a BRN layer during which it acts as plain BatchNorm
+    actor_bn: bool = True  # normalise the actor too (`--no-actor-bn`: the paper's critic-only ablation)
+    critic_width: int = 2048  # the width of the critic's hidden layers (two: the loop in Critic.__call__)
+    actor_width: int = 256  # the width of the actor's two hidden layers
+    adam_b1: float = 0.5  # Adam's beta1 for the actor and the critic
+    utd: int = 1  # update-to-data ratio: critic updates per env step
+    policy_delay: int = 3  # the actor (and alpha) is updated after every `policy_delay`-th critic update
+    n_critics: int = 2  # the number of critics in the ensemble (the TD target takes their minimum)
+    eval_freq: int = 10_000  # evaluate the deterministic policy every `eval_freq` env steps (0: only at the end)
+    eval_episodes: int = 10  # the number of episodes of each evaluation
+    log_freq: int = 1_000  # log losses every `log_freq` env steps and print a progress line
+    q_bias_freq: int = 0  # measure the critic's Q bias every `q_bias_freq` env steps (0: off; Figures 7, 17) (*)
+    q_bias_samples: int = 1_000  # the states (s, a) at which each Q-bias measurement compares Q with the MC return
+    q_bias_cutoff: int = 350  # only the first `q_bias_cutoff` states of each Q-bias episode count
+    checkpoint_freq: int = 0  # checkpoint every `checkpoint_freq` env steps, at the end and on SIGTERM/Ctrl-C (*)
+    resume: str | None = None  # continue the run saved in this run directory or checkpoint, exactly (*)
+    # (*) needs crossq_utils.py beside this file
 
 
 # Named starting points for the flags, picked by a word in front of them (the first: when none is given); flags after
@@ -128,7 +94,9 @@ def parse_args(argv: list[str] | None = None) -> Args:
     argv = list(sys.argv[1:] if argv is None else argv)
     word = argv.pop(0) if argv and argv[0] in PRESETS else None
     description, defaults = PRESETS[word or next(iter(PRESETS))]
-    description += f". Presets, chosen by a first word: {', '.join(PRESETS)}."
+    description += (
+        f". Presets, chosen by a first word: {', '.join(PRESETS)}. (*): needs crossq_utils.py beside this file."
+    )
     args = tyro.cli(Args, args=argv, default=defaults, description=description)
     if args.resume or args.eval_model:  # flags not given take the saved run's values
         args = load_utils("--resume" if args.resume else "--eval-model").saved_run_args(THIS, args, argv, word)

@@ -103,7 +103,7 @@ def td_loss(module, args, agent, batch, key):
     """The critic loss of one batch, whatever the script's loss functions take."""
     if hasattr(module, "td_target"):  # sac_jax: the target comes from the target critics, apart
         target = module.td_target(agent, batch, key, args.gamma, args.target_subset_size)
-        return module.critic_loss(agent.critic.params, agent, batch, target, key)[0]
+        return module.critic_loss(agent.critic.params, agent, batch, target, key, args)[0]
     return module.critic_loss(agent.critic.params, agent, batch, key, args)[0]
 
 
