@@ -1,10 +1,12 @@
-# CrossQ (TD3 base) in JAX: Bhatt, Palenicek et al., ICLR 2024, Figure 5 (https://arxiv.org/abs/1902.05605); first word
-# `td3`: its TD3 baseline. One self-contained file: copy it, read it top to bottom, change it. What goes beyond CleanRL
-# (checkpoints, --eval-model, Q bias, DeepMind Control) is in crossq_utils.py, which only those flags import.
+# CrossQ (TD3 base; first word `td3`: the TD3 baseline) in JAX, Figure 5 of https://arxiv.org/abs/1902.05605. One file:
+# copy it, read it top to bottom, change it. Beyond CleanRL (checkpoints, --eval-model, Q bias, DeepMind Control):
+# crossq_utils.py, which only the flags that need it import.
 import dataclasses
+import io
 import json
 import os
 import random
+import signal
 import sys
 import time
 import warnings
@@ -24,15 +26,15 @@ from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.text.summary_v2 import text_pb
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-# The critics' activations: the paper's Figure 16 (as the authors' sbx/sac/utils.py defines them), then gelu and silu.
 CRITIC_ACTIVATIONS = ("relu", "tanh", "elu", "glu", "relu6", "sin", "relu_over_max", "layernormed_relu", "gelu", "silu")
 TARGET_SCHEDULES = ("fujimoto", "authors")
 LOSS_NAMES = ("qf_loss", "actor_loss")  # the losses whose NaN/inf the update flags (Metrics.nonfinite_loss indexes it)
 THIS = sys.modules[__name__]  # what crossq_utils.py is given: it looks up this file's functions when it calls them
+STOPPED: list[int] = []  # a Ctrl-C, acted on at the end of the step (a KeyboardInterrupt mid-compile can crash Python)
 
 
 @dataclasses.dataclass
-class Args:
+class Args:  # (*): needs crossq_utils.py beside this file
     exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the name of this experiment
     seed: int = 1  # seed of the experiment: the env, its action space and the JAX keys all derive from it
     track: bool = False  # if toggled, this experiment will be tracked with Weights and Biases
@@ -40,10 +42,10 @@ class Args:
     wandb_entity: str | None = None  # the entity (team) of wandb's project
     capture_video: bool = False  # if toggled, record the first episode of each evaluation to `videos/{run_name}`
     save_model: bool = False  # if toggled, save the actor and critic (with batch statistics) to `runs/{run_name}`
-    eval_model: str | None = None  # evaluate a saved run (its directory, model file or checkpoint) and exit
+    eval_model: str | None = None  # evaluate a saved run (its directory, model file or checkpoint) and exit (*)
 
     # Algorithm specific arguments (defaults: the CrossQ column of the paper's Table 1)
-    env_id: str = "Hopper-v4"  # the id of the environment (DeepMind Control: `dm_control/<domain>-<task>`)
+    env_id: str = "Hopper-v4"  # the id of the environment (DeepMind Control: `dm_control/<domain>-<task>` (*))
     total_timesteps: int = 1_000_000  # total timesteps of the experiment (env steps)
     learning_starts: int = 5_000  # env steps of uniform-random actions before learning starts
     gamma: float = 0.99  # the discount factor gamma
@@ -72,11 +74,11 @@ class Args:
     eval_freq: int = 10_000  # evaluate the deterministic policy every `eval_freq` env steps (0: only at the end)
     eval_episodes: int = 10  # the number of episodes of each evaluation
     log_freq: int = 1_000  # log losses every `log_freq` env steps and print a progress line
-    q_bias_freq: int = 0  # measure the critic's Q bias every `q_bias_freq` env steps (0: off; Figures 7 and 17)
-    q_bias_samples: int = 1_000  # the states (s, a) each Q-bias measurement compares Q with the Monte-Carlo return on
+    q_bias_freq: int = 0  # measure the critic's Q bias every `q_bias_freq` env steps (0: off; Figures 7, 17) (*)
+    q_bias_samples: int = 1_000  # the states (s, a) at which each Q-bias measurement compares Q with the MC return
     q_bias_cutoff: int = 350  # only the first `q_bias_cutoff` states of each Q-bias episode count
-    checkpoint_freq: int = 0  # checkpoint every `checkpoint_freq` env steps, at the end and on SIGTERM (0: off)
-    resume: str | None = None  # continue the run saved in this run directory or checkpoint exactly where it stopped
+    checkpoint_freq: int = 0  # checkpoint every `checkpoint_freq` env steps, at the end and on SIGTERM/Ctrl-C (*)
+    resume: str | None = None  # continue the run saved in this run directory or checkpoint, exactly (*)
 
 
 # Named starting points for the flags, picked by a first word (default: the first); flags after it override its values.
@@ -94,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> Args:
     argv = list(sys.argv[1:] if argv is None else argv)
     word = argv.pop(0) if argv and argv[0] in PRESETS else None
     description, defaults = PRESETS[word or next(iter(PRESETS))]
-    description += f". Presets, chosen by a first word: {', '.join(PRESETS)}."
+    description += f". Presets, chosen by a first word: {', '.join(PRESETS)}. (*): needs crossq_utils.py beside it."
     args = tyro.cli(Args, args=argv, default=defaults, description=description)
     if args.resume or args.eval_model:  # flags not given take the saved run's values
         args = load_utils("--resume" if args.resume else "--eval-model").saved_run_args(THIS, args, argv, word)
@@ -115,14 +117,11 @@ def load_utils(flag: str):
 
 
 def make_env(env_id: str, seed: int, capture_video: bool = False, run_name: str = "", record_episode=lambda i: i > 0):
-    """A thunk (CleanRL's): the env in [-1, 1] actions; videos of the episodes `record_episode` picks (0: seeding)."""
-
-    def thunk() -> gym.Env:
+    def thunk() -> gym.Env:  # CleanRL's: the env acting in [-1, 1]; videos of the episodes `record_episode` picks
         env = gym_make(env_id, **({"render_mode": "rgb_array"} if capture_video else {}))
         if capture_video:
             env = gym.wrappers.RecordVideo(env, f"videos/{run_name}", episode_trigger=record_episode)
-        env = gym.wrappers.RecordEpisodeStatistics(env)
-        env = gym.wrappers.RescaleAction(env, np.float32(-1.0), np.float32(1.0))  # tanh's [-1, 1] to [low, high]
+        env = gym.wrappers.RescaleAction(gym.wrappers.RecordEpisodeStatistics(env), np.float32(-1.0), np.float32(1.0))
         env.action_space.seed(seed)
         return env
 
@@ -130,7 +129,6 @@ def make_env(env_id: str, seed: int, capture_video: bool = False, run_name: str 
 
 
 def gym_make(env_id: str, **kwargs) -> gym.Env:
-    """gym.make, DeepMind Control's ids registered (`dm_control/...`), observations flattened into one vector."""
     if env_id.startswith("dm_control/"):
         load_utils("--env-id dm_control/...").import_dm_control(THIS)
     with warnings.catch_warnings():  # the paper's v4 MuJoCo envs, which gymnasium 1.x calls out of date
@@ -138,20 +136,18 @@ def gym_make(env_id: str, **kwargs) -> gym.Env:
         env = gym.make(env_id, **kwargs)
     space = env.observation_space
     if not (isinstance(space, gym.spaces.Box) and len(space.shape) == 1):
-        # DeepMind Control's dict of arrays: each entry flattened, in sorted key order (as the authors' SB3 does).
         try:
             env = gym.wrappers.FlattenObservation(env)
         except Exception:  # a space gymnasium cannot flatten (a custom one)
             env = None
-        if env is None or not isinstance(env.observation_space, gym.spaces.Box) or env.observation_space.ndim != 1:
+        flat = env is not None and isinstance(env.observation_space, gym.spaces.Box)  # a Graph flattens to a Graph
+        if not flat or len(env.observation_space.shape) != 1:
             raise ConfigError(f"{env_id} has observations of {space}, which do not flatten into a vector")
     return env
 
 
-# ALGO LOGIC: Batch Renormalization (Ioffe, 2017), a drop-in for `flax.linen.BatchNorm`. Train mode: y ~ scale * (r *
-# (x - mu_B) / sigma_B + d) + bias, r = clip(sigma_B / sigma_R, 1 / r_max, r_max), d = clip((mu_B - mu_R) / sigma_R,
-# -d_max, d_max) without gradient (r = 1, d = 0 for `warmup_steps` calls), the running statistics moving toward the
-# batch's. Eval mode: y = scale * (x - mu_R) / sigma_R + bias. r_max=1, d_max=0: exactly plain BatchNorm.
+# ALGO LOGIC: Batch Renormalization (Ioffe, 2017), a drop-in for flax's BatchNorm: train mode normalises with the batch
+# statistics corrected by r and d toward the running ones (plain BN for `warmup_steps` calls); eval mode, the running.
 class BatchRenorm(nn.Module):
     use_running_average: bool | None = None
     momentum: float = 0.99
@@ -184,11 +180,9 @@ class BatchRenorm(nn.Module):
             mean = jnp.where(renormalise, batch_mean - d * batch_std / r, batch_mean)
             var = jnp.where(renormalise, batch_var / r**2, batch_var)
             if not self.is_initializing():
-                m = self.momentum
-                running_mean.value = m * running_mean.value + (1.0 - m) * no_grad(batch_mean)
-                running_var.value = m * running_var.value + (1.0 - m) * no_grad(batch_var)
+                running_mean.value = self.momentum * running_mean.value + (1.0 - self.momentum) * no_grad(batch_mean)
+                running_var.value = self.momentum * running_var.value + (1.0 - self.momentum) * no_grad(batch_var)
                 steps.value = steps.value + 1
-        # scale and rsqrt folded into one per-feature factor first: one multiply per element, not two.
         return (x - mean) * (scale * jax.lax.rsqrt(var + self.epsilon)) + bias
 
 
@@ -334,12 +328,10 @@ def buffer_sample(buffer: ReplayBuffer, key: jax.Array, batch_size: int) -> Tran
 
 
 def pack_step(obs, action, reward, terminated, next_obs, policy_obs) -> np.ndarray:
-    """An env step as one float32 array: the transition, then the observation the next action is drawn for."""
     return np.concatenate([obs, action, [reward, terminated], next_obs, policy_obs], dtype=np.float32)
 
 
 def store_step(buffer: ReplayBuffer, step_data: jax.Array) -> tuple[ReplayBuffer, jax.Array]:
-    """Store a `pack_step` array's transition; return its observation for the next action, on the device (batch 1)."""
     ends = np.cumsum([buffer.obs.shape[1], buffer.actions.shape[1], 2, buffer.obs.shape[1]])
     obs, action, (reward, terminated), next_obs, policy_obs = jnp.split(step_data, ends)
     return buffer_add(buffer, Transition(obs, action, reward, next_obs, terminated)), policy_obs[None]
@@ -347,13 +339,10 @@ def store_step(buffer: ReplayBuffer, step_data: jax.Array) -> tuple[ReplayBuffer
 
 # ALGO LOGIC: the CrossQ (TD3 base) update
 def create_agent(args: Args, obs_dim: int, action_dim: int, key: jax.Array) -> AgentState:
-    """Fresh actor and critic ensemble (plus target copies with `--tau`); the modules ride along as `apply_fn`."""
     norm = {"bn_momentum": args.bn_momentum, "bn_warmup_steps": args.bn_warmup_steps}
     actor = Actor(action_dim, args.actor_width, args.bn_mode if args.actor_bn else "none", **norm)
     critic = CriticEnsemble(args.critic_width, args.critic_activation, args.bn_mode, **norm, n_critics=args.n_critics)
-    actor_key, critic_key = jax.random.split(key)
-    obs, actions = jnp.zeros((1, obs_dim)), jnp.zeros((1, action_dim))
-    # Each init is one jitted call: run eagerly, every op of the forward pass would be compiled on its own.
+    (actor_key, critic_key), obs, actions = jax.random.split(key), jnp.zeros((1, obs_dim)), jnp.zeros((1, action_dim))
     actor_vars = jax.jit(actor.init, static_argnames="train")(actor_key, obs, train=False)
     critic_vars = jax.jit(critic.init, static_argnames="train")(critic_key, obs, actions, train=False)
     adam = optax.adam(args.learning_rate, b1=args.adam_b1)
@@ -399,7 +388,7 @@ def actor_loss(params, agent: AgentState, obs: jax.Array):
 
 
 def make_train_step(args: Args, action_dim: int):
-    """The jitted `train_step(agent, metrics, buffer, keys, obs, phase)`: a step's updates, then the next action."""
+    """The jitted `train_step(agent, metrics, buffer, keys, obs, lead)`: a step's updates, then the next action."""
     critic_grad, actor_grad = (jax.value_and_grad(loss, has_aux=True) for loss in (critic_loss, actor_loss))
 
     def update(carry: tuple, inputs: tuple, with_actor: bool):  # a critic update, then (with_actor) the actor's
@@ -419,21 +408,19 @@ def make_train_step(args: Args, action_dim: int):
             metrics = metrics._replace(actor_loss=loss)
         return (agent, metrics), jnp.isfinite(jnp.stack([getattr(metrics, name) for name in LOSS_NAMES]))
 
-    def updates(carry: tuple, inputs: tuple, with_actor: bool):
-        """One update per batch of `inputs` in a loop (no host round trip), and whether its losses are finite."""
+    def updates(carry: tuple, inputs: tuple, with_actor: bool):  # one update per batch, in a loop; and which are finite
         return jax.lax.scan(lambda carry, x: update(carry, x, with_actor), carry, inputs)
 
-    def train_step(agent: AgentState, metrics: Metrics, buffer: ReplayBuffer, keys: dict, obs: jax.Array, phase: int):
+    def train_step(agent: AgentState, metrics: Metrics, buffer: ReplayBuffer, keys: dict, obs: jax.Array, lead: int):
         # The buffer is only read here (XLA on CPU copies whole columns of a buffer a call both writes and samples).
         next_update_key, step_key = jax.random.split(keys["update"])
         update_keys = jax.vmap(lambda key: jax.random.split(key, 2))(jax.random.split(step_key, args.utd))
         batch_keys, critic_keys = jnp.moveaxis(update_keys, 1, 0)
         batches = jax.vmap(lambda key: buffer_sample(buffer, key, args.batch_size))(batch_keys)
         take = lambda start, n: jax.tree.map(lambda x: x[start : start + n], (batches, critic_keys))
-        # Delayed policy updates: the actor follows every `policy_delay`-th critic update of the run, the first after
-        # `lead` critic-only updates of this step, then once a period: a loop, so the program's size is --utd's.
-        delay, lead = args.policy_delay, min(args.policy_delay - 1 - phase, args.utd)
-        periods, rest = divmod(args.utd - lead, delay)
+        # After `lead` critic-only updates, the actor follows the first update of each period of `policy_delay`; a
+        # loop over the whole periods keeps the program's size whatever --utd is.
+        delay, (periods, rest) = args.policy_delay, divmod(args.utd - lead, args.policy_delay)
         carry, finite = (agent, metrics), []
 
         def period(carry: tuple, inputs: tuple):  # an update the actor follows, then up to delay - 1 critic-only ones
@@ -462,13 +449,12 @@ def make_train_step(args: Args, action_dim: int):
             nonfinite_step=jnp.where(first, step, metrics.nonfinite_step),
             nonfinite_loss=jnp.where(first, jnp.argmin(finite), metrics.nonfinite_loss),
         )
-        # Move the explore key past this step's action (see `explore`), then draw the next one; the barrier keeps XLA
-        # from fusing the draw into the updates, which could change its last bit (a resumed run's `explore` draws it).
+        # The next action with the key moved past this one's; the barrier keeps its bits those of `explore` (a resume).
         explore_key, noise = jax.random.split(keys["explore"])[0], jnp.float32(args.exploration_noise)
         action = explore(*jax.lax.optimization_barrier((agent.actor, obs, explore_key, noise)))
         return agent, metrics, {"update": next_update_key, "explore": explore_key}, action
 
-    return jax.jit(train_step, static_argnames="phase", donate_argnums=(0, 1))
+    return jax.jit(train_step, static_argnames="lead", donate_argnums=(0, 1))
 
 
 # ALGO LOGIC: acting and evaluation
@@ -507,8 +493,7 @@ def q_bias_pass(agent: AgentState, obs: jax.Array, actions: jax.Array, key: jax.
 # Checks that refuse a bad command line or env in one line (exit 2) before any compute is spent
 INT32_MAX = 2**31 - 1  # env steps, update counters and buffer positions are int32 on the device
 POSITIVE, NOT_NEGATIVE = (0, INT32_MAX, False, True), (0, INT32_MAX, True, True)
-# Each number flag's (lowest, highest, lowest allowed, highest allowed); a float as the float32 it becomes.
-FLAG_RANGES = {
+FLAG_RANGES = {  # each number flag's (lowest, highest, lowest allowed, highest allowed); a float as its float32
     **dict.fromkeys(["total_timesteps", "batch_size", "critic_width", "actor_width", "utd", "policy_delay"], POSITIVE),
     **dict.fromkeys(["n_critics", "eval_episodes", "log_freq", "q_bias_samples", "q_bias_cutoff"], POSITIVE),
     **dict.fromkeys(["learning_starts", "bn_warmup_steps", "eval_freq", "checkpoint_freq"], NOT_NEGATIVE),
@@ -525,20 +510,18 @@ FLAG_RANGES = {
 
 
 def check_args(args: Args) -> None:
-    """Refuse hyperparameters out of the range their use needs, naming the flag."""
     for name, (low, high, low_ok, high_ok) in FLAG_RANGES.items():
-        if (value := getattr(args, name)) is None:  # --tau unset: no target networks
-            continue
         with np.errstate(over="ignore"):  # 1e300 is inf in float32: refused below
-            x = value if isinstance(value, int) else float(np.float32(value))
-        if (low < x or (low_ok and x == low)) and (x < high or (high_ok and x == high)):
-            continue
+            x = value if isinstance(value := getattr(args, name), int | None) else float(np.float32(value))
+        if value is None or ((low < x or (low_ok and x == low)) and (x < high or (high_ok and x == high))):
+            continue  # in range, or --tau unset (no target networks)
         if high == INT32_MAX and x > high:
             rule = f"must be at most {INT32_MAX}, an int32 on the device"
         elif low == 0 and high in (INT32_MAX, float("inf")):
             rule = ("must not be negative" if low_ok else "must be positive") + ("" if high_ok else " and finite")
         else:
-            rule = f"must lie in {'[('[not low_ok]}{low:g}, {high:g}{'])'[not high_ok]}"
+            ends = [f"{end:g}" if isinstance(end, float) else f"{end}" for end in (low, high)]
+            rule = f"must lie in {'[('[not low_ok]}{ends[0]}, {ends[1]}{'])'[not high_ok]}"
         raise ConfigError(f"--{name.replace('_', '-')} {rule} (got {value}{'' if x == value else f', {x} in float32'})")
     for name, choices in [("critic_activation", CRITIC_ACTIVATIONS), ("target_schedule", TARGET_SCHEDULES)]:
         if (value := getattr(args, name)) not in choices:
@@ -561,7 +544,6 @@ def check_args(args: Args) -> None:
 
 
 def check_env(env_id: str, render: bool = False) -> tuple[int, int]:
-    """Refuse an env the agent cannot drive, or (`render`: --capture-video) draw; returns (obs_dim, action_dim)."""
     try:
         env = gym_make(env_id, **({"render_mode": "rgb_array"} if render else {}))
         if render and env.reset(seed=0) and np.ndim(env.render()) != 3:
@@ -576,7 +558,6 @@ def check_env(env_id: str, render: bool = False) -> tuple[int, int]:
             f"{e}); without a screen: apt-get install libegl1 libegl-mesa0 libgl1-mesa-dri (docs/evaluation.md)"
         ) from None
     actions, observations = env.action_space, env.observation_space
-    env.close()
     box = isinstance(actions, gym.spaces.Box)
     if not box or len(actions.shape) != 1 or actions.shape[0] == 0:
         what = f"actions of shape {actions.shape}" if box else f"a {type(actions).__name__} action space"
@@ -585,22 +566,26 @@ def check_env(env_id: str, render: bool = False) -> tuple[int, int]:
         raise ConfigError(f"{env_id} has unbounded action bounds or low >= high; the agent needs finite low < high")
     if observations.shape[0] == 0:
         raise ConfigError(f"{env_id} has empty observations (shape {observations.shape})")
+    try:  # once what the loop does with it: a malformed env is refused now, not after the first compile
+        obs, (next_obs, reward, *_) = env.reset(seed=0)[0], env.step(actions.sample())
+        assert np.shape(obs) == np.shape(next_obs) == observations.shape and np.ndim(reward) == 0, "malformed output"
+    except Exception as e:
+        raise ConfigError(f"{env_id} does not reset and step as its spaces say ({type(e).__name__}: {e})") from None
+    env.close()
     return observations.shape[0], actions.shape[0]
 
 
 def check_extras(args: Args) -> None:
-    """--track, --capture-video: their packages; headless, MuJoCo's EGL (set before MuJoCo reads it on import)."""
     for flag, module in [("track", "wandb"), ("capture-video", "moviepy")]:
         try:
             __import__(module) if getattr(args, flag.replace("-", "_")) else None
         except ImportError:
             raise ConfigError(f"--{flag} needs {module}: pip install -r requirements-extras.txt") from None
     if args.capture_video and sys.platform.startswith("linux") and not os.environ.get("DISPLAY"):
-        os.environ.setdefault("MUJOCO_GL", "egl")
+        os.environ.setdefault("MUJOCO_GL", "egl")  # headless: EGL, set before MuJoCo's import reads it
 
 
 def check_memory(args: Args, obs_dim: int, action_dim: int) -> None:
-    """Refuse a buffer and networks (their jax.eval_shape) larger than the RAM available, or a GPU's memory for JAX."""
     nbytes = lambda make: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(make)))
     buffer = nbytes(lambda: ReplayBuffer.create(args.buffer_size, obs_dim, action_dim))
     networks = nbytes(lambda: create_agent(args, obs_dim, action_dim, jax.random.PRNGKey(0)))
@@ -621,13 +606,11 @@ def check_memory(args: Args, obs_dim: int, action_dim: int) -> None:
 class SummaryWriter:  # what CleanRL's scripts use of torch's SummaryWriter, on the `tensorboard` package alone
     def __init__(self, log_dir: str):
         self.log_dir, self.events = log_dir, EventFileWriter(log_dir)
+        self.close = self.events.close
 
     def add_scalar(self, tag: str, value: float, step: int, text: str | None = None) -> None:
         summary = text_pb(tag, text) if text else Summary(value=[Summary.Value(tag=tag, simple_value=float(value))])
         self.events.add_event(Event(wall_time=time.time(), step=step, summary=summary))
-
-    def close(self) -> None:
-        self.events.close()
 
 
 def save_model(agent: AgentState, args: Args, path: str) -> None:
@@ -637,11 +620,11 @@ def save_model(agent: AgentState, args: Args, path: str) -> None:
         f.write(flax.serialization.to_bytes(model))
         os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
-    print(f"model saved to {path}", flush=True)
+    command = f"python {os.path.relpath(__file__)} --eval-model {path}"
+    print(f"model saved to {path}; evaluate it with: {command}", flush=True)
 
 
 def check_finite(step: int, agent: AgentState, metrics: Metrics) -> None:
-    """Stop on a NaN/inf loss the update flagged or NaN/inf in the networks (where the host reads the state anyway)."""
     if (bad := int(metrics.nonfinite_step)) >= 0:
         loss = LOSS_NAMES[int(metrics.nonfinite_loss)]
         raise FloatingPointError(f"training diverged: losses/{loss} became NaN/inf at env step {bad} (seen at {step})")
@@ -651,11 +634,17 @@ def check_finite(step: int, agent: AgentState, metrics: Metrics) -> None:
 
 
 def start_logging(args: Args, run_name: str) -> SummaryWriter:
-    """W&B (--track) and the TensorBoard writer of runs/{run_name}; a new run's first event: the hyperparameters."""
     if args.track:  # before the writer: W&B syncs TensorBoard by patching the event writer it creates
         wandb_run = {"project": args.wandb_project_name, "entity": args.wandb_entity, "name": run_name}
-        __import__("wandb").init(**wandb_run, sync_tensorboard=True, config=vars(args), save_code=True)
+        try:
+            __import__("wandb").init(**wandb_run, sync_tensorboard=True, config=vars(args), save_code=True)
+        except Exception as e:  # not logged in, no network, a bad entity ...
+            reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+            message = f"--track: W&B could not start a run ({reason}); `wandb login`, or WANDB_MODE=offline"
+            raise ConfigError(message) from None
     writer = SummaryWriter(f"runs/{run_name}")
+    with open(f"runs/{run_name}/args.json", "w") as f:  # the flags of this run (a resumed one's as resumed)
+        json.dump(vars(args), f, indent=2)
     if not args.resume:
         table = "\n".join(f"|{name}|{value}|" for name, value in vars(args).items())
         writer.add_scalar("hyperparameters", 0.0, 0, text=f"|param|value|\n|-|-|\n{table}")
@@ -664,39 +653,35 @@ def start_logging(args: Args, run_name: str) -> SummaryWriter:
 
 
 # ALGO LOGIC: the training loop
-# What each progress line logs to TensorBoard as losses/<name> and prints in this format (None: logged only).
-PROGRESS_METRICS = {"qf_loss": ".3f", "qf_values": ".2f", "actor_loss": ".3f"}
+PROGRESS_METRICS = {"qf_loss": ".3f", "qf_values": ".2f", "actor_loss": ".3f"}  # losses/<name>, printed in this format
 all_finite = jax.jit(lambda tree: jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]).all())
 
 
 def train(args: Args) -> dict:
-    """Run CrossQ-TD3 (or the TD3 baseline) as `args` says; returns the last eval's mean return and the run's name."""
     check_args(args)
     check_extras(args)
     obs_dim, action_dim = check_env(args.env_id, render=args.capture_video)
     check_memory(args, obs_dim, action_dim)
     run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    checkpoints = None
+    # --resume, --checkpoint-freq and --q-bias-freq need crossq_utils.py: refused now if it is missing
+    flag = next((f for f in ["resume", "checkpoint_freq", "q_bias_freq"] if getattr(args, f)), None)
+    utils, checkpoints = load_utils(f"--{flag.replace('_', '-')}") if flag else None, None
     if args.checkpoint_freq or args.resume:  # every check of the checkpoint to resume comes before any compute
-        utils = load_utils("--checkpoint-freq" if args.checkpoint_freq else "--resume")
         checkpoints = utils.Checkpoints(THIS, args, run_name, obs_dim, action_dim)
         run_name = checkpoints.run_name  # a resumed run keeps its own
-    # Seeding: Python and numpy for good measure; the env, its action space and JAX explicitly.
     random.seed(args.seed)
     np.random.seed(args.seed)
     key, agent_key, explore_key = jax.random.split(jax.random.PRNGKey(args.seed), 3)
     agent = create_agent(args, obs_dim, action_dim, agent_key)
     train_step = make_train_step(args, action_dim)
     env = make_env(args.env_id, args.seed)()
-    if checkpoints:  # it remembers each episode's start and actions: what resuming replays to get the env back
-        env = checkpoints.recorder(env)
+    env = checkpoints.recorder(env) if checkpoints else env  # it keeps each episode's start and actions, for resuming
     env.reset(seed=args.seed)  # seeds the env's generator; each later reset draws from it
     first_of_each_evaluation = lambda i: i > 0 and (i - 1) % args.eval_episodes == 0  # (episode 0: the seeding reset)
     eval_env = make_env(args.env_id, args.seed + 10_000, args.capture_video, run_name, first_of_each_evaluation)()
     eval_env.reset(seed=args.seed + 10_000)
     buffer, metrics = ReplayBuffer.create(args.buffer_size, obs_dim, action_dim), Metrics.initial()
-    store = jax.jit(store_step, donate_argnums=0)  # its own jitted call: see train_step
-    keys = {"update": key, "explore": explore_key}
+    store, keys = jax.jit(store_step, donate_argnums=0), {"update": key, "explore": explore_key}  # see train_step
     start_step, train_seconds, episodic_return, eval_return = 0, 0.0, float("nan"), float("nan")
     if args.resume:  # the checkpoint's arrays, generators and env state: the run goes on as if never stopped
         state = {"agent": agent, "buffer": buffer, "metrics": metrics, "keys": keys, "obs": np.zeros(obs_dim)}
@@ -705,14 +690,15 @@ def train(args: Args) -> dict:
     else:
         obs, _ = env.reset()
     writer = start_logging(args, run_name)
-    # Each learning env step ends with the next step's action, drawn after the step's updates; the first is drawn here.
-    if start_step >= args.learning_starts:
+    if start_step >= args.learning_starts:  # the first action (each learning step then draws the next one)
         next_action = explore(agent.actor, obs[None].astype(np.float32), keys["explore"], args.exploration_noise)
     # SPS counts training alone (no evaluations, Q bias, checkpoints) from its phase's start (random actions are fast).
     clock_start = time.perf_counter() - train_seconds  # the training seconds are time.perf_counter() - clock_start
     sps_from = (start_step, train_seconds)
     try:
         for global_step in range(start_step + 1, args.total_timesteps + 1):
+            if STOPPED:  # Ctrl-C (see stop)
+                raise KeyboardInterrupt
             learning = global_step > args.learning_starts
             if learning:
                 action = np.asarray(next_action)[0]  # waits for the previous step's device work
@@ -731,15 +717,16 @@ def train(args: Args) -> dict:
             # One transfer to the device per step, checked as the float32 it is (1e39 is inf). Truncations bootstrap.
             step_data = pack_step(obs, action, reward, terminated, next_obs, policy_obs)
             if not np.isfinite(step_data).all():
-                raise FloatingPointError(
-                    f"{args.env_id} returned a NaN/inf observation or reward at env step {global_step}"
-                )
+                where = f"in float32 (as stored) at env step {global_step}"
+                raise FloatingPointError(f"{args.env_id} returned an observation or reward that is NaN/inf {where}")
             buffer, device_obs = store(buffer, step_data)
             obs = policy_obs
             if learning:  # this step's updates, then the next step's action: one compiled program, no host wait
-                # One compiled program per phase (where the actor's updates fall), not a conditional that stalls a GPU.
-                phase = (global_step - args.learning_starts - 1) * args.utd % args.policy_delay
-                agent, metrics, keys, next_action = train_step(agent, metrics, buffer, keys, device_obs, phase)
+                # The actor follows every policy_delay-th critic update of the run; `lead`, this step's updates before
+                # the first such one, is static: at most policy_delay programs, no conditional (which stops a GPU host).
+                updates_before = (global_step - args.learning_starts - 1) * args.utd
+                lead = min(args.policy_delay - 1 - updates_before % args.policy_delay, args.utd)
+                agent, metrics, keys, next_action = train_step(agent, metrics, buffer, keys, device_obs, lead)
             elif global_step == args.learning_starts:
                 next_action = explore(agent.actor, device_obs, keys["explore"], args.exploration_noise)
             if global_step % args.log_freq == 0:  # charts/SPS, losses/* and one plain line
@@ -768,27 +755,40 @@ def train(args: Args) -> dict:
                 spread = f"+- {np.std(returns):.1f} ({len(returns)} episodes)"
                 print(f"step={global_step} eval/episodic_return={eval_return:.1f} {spread}", flush=True)
             if args.q_bias_freq and global_step % args.q_bias_freq == 0:  # the paper's Figures 7 and 17
-                load_utils("--q-bias-freq").log_q_bias(THIS, writer, agent, args, global_step)
-            # Every --checkpoint-freq env steps, at the end, and after SIGTERM or Ctrl-C (then it stops).
-            if checkpoints:
+                utils.log_q_bias(THIS, writer, agent, args, global_step)
+            if checkpoints:  # every --checkpoint-freq env steps, at the end, after SIGTERM or Ctrl-C (then it stops)
                 state = {"agent": agent, "buffer": buffer, "metrics": metrics, "keys": keys, "obs": obs}
                 seconds = paused_at - clock_start
                 checkpoints.save_if_due(global_step, state, seconds, episodic_return, eval_return, env, eval_env)
             clock_start += time.perf_counter() - paused_at
         if args.save_model:
             save_model(agent, args, f"runs/{run_name}/{args.exp_name}.crossq_model")
-    finally:
-        writer.close()
-        env.close()
-        eval_env.close()  # writes its last video
-        if checkpoints:
-            checkpoints.close()
+    finally:  # however the loop ends: the events flushed, the last video written, the signal handlers put back
+        for resource in (writer, env, eval_env, checkpoints):
+            if resource is not None:
+                resource.close()
         if args.track:
             sys.modules["wandb"].finish()
     return {"eval_return": eval_return, "run_name": run_name}
 
 
+def stop(signum: int, frame: Any) -> None:  # Ctrl-C: the run ends at the end of its step (see STOPPED); twice: at once
+    if STOPPED:
+        os._exit(128 + signum)
+    STOPPED.append(signum)
+
+
+class Stdout(io.TextIOBase):  # stdout that drops what follows once its reader has gone (`... | head`), not the run
+    def write(self, text: str) -> int:
+        try:
+            print(text, end="", file=sys.__stdout__, flush=True)
+        except BrokenPipeError:  # into /dev/null from now on (Python's own flush at exit would fail too)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.__stdout__.fileno())
+        return len(text)
+
+
 if __name__ == "__main__":
+    sys.stdout, _ = Stdout(), signal.signal(signal.SIGINT, stop)
     try:
         args = parse_args()
         load_utils("--eval-model").evaluate_model(THIS, args) if args.eval_model else train(args)
