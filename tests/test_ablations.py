@@ -347,7 +347,7 @@ def test_without_target_networks_the_td_target_comes_from_the_live_critic():
         filled_buffer(sac_jax, args, terminal_every=5), jax.random.PRNGKey(2), args.batch_size
     )
     key = jax.random.PRNGKey(3)
-    loss_fn = lambda p: sac_jax.joint_critic_loss(p, agent, batch, key, args.gamma, args.target_subset_size)[0]
+    loss_fn = lambda p: sac_jax.critic_loss(p, agent, batch, None, key, args)[0]  # target None: the joint pass
     loss, grads = jax.value_and_grad(loss_fn)(agent.critic.params)
 
     action_key = jax.random.split(key, 3)[0]

@@ -1,6 +1,7 @@
 """Behavioural tests of sac_jax.py: Polyak targets, REDQ's subset min, DroQ's dropout, UTD, presets, CLI."""
 
 import dataclasses
+import json
 
 import conftest
 import flax
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import ACTION_DIM, OBS_DIM, filled_buffer, learning_steps, read_scalars, run_dirs, small_args, train_steps
 
+import crossq_utils
 import sac_jax as sac
 
 
@@ -83,27 +85,63 @@ def test_td_target_bootstraps_from_the_target_critics_on_next_states():
 # ---------------------------------------------------------------------------------------------
 
 
-def test_redq_target_is_the_min_over_a_random_subset_of_target_critics():
+def random_batch(n: int, seed: int) -> sac.Transition:
+    """`n` random transitions, every third one terminal."""
+    rng = np.random.default_rng(seed)
+    column = lambda *shape: jnp.asarray(rng.normal(size=(n, *shape)), jnp.float32)
+    actions = jnp.asarray(rng.uniform(-1, 1, (n, ACTION_DIM)), jnp.float32)
+    terminations = jnp.asarray(np.arange(n) % 3 == 0, jnp.float32)
+    return sac.Transition(column(OBS_DIM), actions, column(), column(OBS_DIM), terminations)
+
+
+def target_critics_q(agent, batch, key):
+    """What td_target(agent, batch, key, ...) draws, recomputed with its key split: (the key of its target subset,
+    every target critic's Q(s', a') with its dropout key, (n_critics, B), and alpha * log pi(a'|s'))."""
+    action_key, target_key = jax.random.split(key)
+    subset_key, dropout_key = jax.random.split(target_key)
+    mean, log_std = agent.actor.apply_fn(sac.variables_of(agent.actor), batch.next_obs, train=False)
+    next_actions, next_logp = sac.sample_tanh_gaussian(mean, log_std, action_key)
+    variables = {"params": agent.critic.target_params, "batch_stats": agent.critic.batch_stats}
+    q_all = sac.q_values(agent.critic.apply_fn, variables, batch.next_obs, next_actions, dropout_key)
+    alpha = float(jnp.exp(agent.log_alpha.params["log_alpha"]))
+    return subset_key, np.asarray(q_all, np.float64), alpha * np.asarray(next_logp, np.float64)
+
+
+def np_td_target(batch, next_q, alpha_logp, gamma):
+    rewards, terminations = np.asarray(batch.rewards, np.float64), np.asarray(batch.terminations, np.float64)
+    return rewards + gamma * (1 - terminations) * (next_q - alpha_logp)
+
+
+def test_redq_target_subset_is_m_distinct_critics_drawn_by_the_key():
     args = small_args(sac, "redq")
     assert (args.n_critics, args.target_subset_size) == (10, 2)
-    agent = sac.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
-    rng = np.random.default_rng(1)
-    obs = jnp.asarray(rng.normal(size=(32, OBS_DIM)), jnp.float32)
-    actions = jnp.asarray(rng.uniform(-1, 1, (32, ACTION_DIM)), jnp.float32)
-    q_all = np.asarray(agent.critic.apply_fn({"params": agent.critic.target_params}, obs, actions, train=False))
-    assert q_all.shape == (10, 32)
+    subsets = set()
+    for seed in range(30):
+        key = jax.random.PRNGKey(seed)
+        subset = tuple(int(i) for i in sac.target_subset(key, args.n_critics, args.target_subset_size))
+        assert len(subset) == len(set(subset)) == 2 and all(0 <= i < 10 for i in subset)
+        assert tuple(int(i) for i in sac.target_subset(key, args.n_critics, args.target_subset_size)) == subset
+        subsets.add(frozenset(subset))
+    assert len(subsets) >= 10  # the subset changes with the key
 
+
+def test_redq_target_is_the_min_over_a_random_subset_of_target_critics():
+    args = small_args(sac, "redq")
+    agent = sac.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
+    batch = random_batch(32, seed=1)
     subsets, differs_from_full_min = set(), 0
     for seed in range(30):
         key = jax.random.PRNGKey(seed)
-        min_q, subset = sac.target_min_q(agent.critic, obs, actions, key, args.target_subset_size)
-        subset = tuple(int(i) for i in subset)
-        assert len(set(subset)) == 2 and all(0 <= i < 10 for i in subset)
-        np.testing.assert_allclose(min_q, q_all[list(subset)].min(0), rtol=1e-5, atol=1e-6)  # over the subset only
-        differs_from_full_min += not np.allclose(min_q, q_all.min(0))
+        y = np.asarray(sac.td_target(agent, batch, key, args.gamma, args.target_subset_size), np.float64)
+        subset_key, q_all, alpha_logp = target_critics_q(agent, batch, key)
+        assert q_all.shape == (10, 32)
+        subset = [int(i) for i in sac.target_subset(subset_key, args.n_critics, args.target_subset_size)]
+        expected = np_td_target(batch, q_all[subset].min(0), alpha_logp, args.gamma)  # over the subset only
+        np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+        differs_from_full_min += not np.allclose(y, np_td_target(batch, q_all.min(0), alpha_logp, args.gamma))
         subsets.add(frozenset(subset))
-        again, same = sac.target_min_q(agent.critic, obs, actions, key, args.target_subset_size)
-        assert tuple(int(i) for i in same) == subset and np.array_equal(again, min_q)  # the key decides
+        again = sac.td_target(agent, batch, key, args.gamma, args.target_subset_size)
+        assert np.array_equal(again, y)  # the key decides
     assert len(subsets) >= 10  # the subset changes with the key
     assert differs_from_full_min >= 10  # not the min over all ten
 
@@ -111,11 +149,15 @@ def test_redq_target_is_the_min_over_a_random_subset_of_target_critics():
 def test_sac_target_takes_the_min_over_both_target_critics():
     args = small_args(sac)
     agent = sac.create_agent(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
-    obs, actions = jnp.ones((4, OBS_DIM)), jnp.zeros((4, ACTION_DIM))
-    q_all = agent.critic.apply_fn({"params": agent.critic.target_params}, obs, actions, train=False)
-    min_q, subset = sac.target_min_q(agent.critic, obs, actions, jax.random.PRNGKey(5), args.target_subset_size)
-    assert sorted(int(i) for i in subset) == [0, 1]
-    np.testing.assert_allclose(min_q, q_all.min(0), rtol=1e-6)
+    assert sorted(int(i) for i in sac.target_subset(jax.random.PRNGKey(5), 2, args.target_subset_size)) == [0, 1]
+    batch = random_batch(16, seed=2)
+    key = jax.random.PRNGKey(5)
+    y = sac.td_target(agent, batch, key, args.gamma, args.target_subset_size)
+    _, q_all, alpha_logp = target_critics_q(agent, batch, key)
+    np.testing.assert_allclose(y, np_td_target(batch, q_all.min(0), alpha_logp, args.gamma), rtol=1e-5, atol=1e-6)
+    # The check has teeth: the max (or the mean) of the two gives another target.
+    for other in (q_all.max(0), q_all.mean(0)):
+        assert not np.allclose(y, np_td_target(batch, other, alpha_logp, args.gamma), rtol=1e-5, atol=1e-6)
 
 
 def test_redq_actor_loss_uses_the_mean_and_sac_the_min_over_all_critics():
@@ -153,14 +195,29 @@ def test_droq_critic_has_a_layer_norm_per_hidden_layer_and_sac_critic_has_none(p
 @pytest.mark.parametrize("preset,dropout_active", [("droq", True), ("sac", False)])
 def test_droq_dropout_is_active_in_target_and_critic_loss_passes(preset, dropout_active):
     args, agent, batch = droq_setup(preset)
-    target = sac.td_target(agent, batch, jax.random.PRNGKey(2), args.gamma, args.target_subset_size)
-    # Target pass: the subset is all (2 of 2), so only dropout masks can make two keys differ.
+    key = jax.random.PRNGKey(2)
+    target = sac.td_target(agent, batch, key, args.gamma, args.target_subset_size)
+    # Target pass: the subset is all (2 of 2), so only dropout masks can make two dropout keys differ.
+    subset_key, q_all, alpha_logp = target_critics_q(agent, batch, key)
+    assert [int(i) for i in sac.target_subset(subset_key, args.n_critics, args.target_subset_size)] == [0, 1]
+    np.testing.assert_allclose(target, np_td_target(batch, q_all.min(0), alpha_logp, args.gamma), rtol=1e-5, atol=1e-5)
+    variables = {"params": agent.critic.target_params, "batch_stats": agent.critic.batch_stats}
     next_actions = jnp.zeros_like(batch.actions)
     targets = [
-        sac.target_min_q(agent.critic, batch.next_obs, next_actions, jax.random.PRNGKey(k), 2)[0] for k in (3, 4)
+        sac.q_values(agent.critic.target_apply_fn, variables, batch.next_obs, next_actions, jax.random.PRNGKey(k))
+        for k in (3, 4)
     ]
-    losses = [sac.critic_loss(agent.critic.params, agent, batch, target, jax.random.PRNGKey(k))[0] for k in (3, 4)]
     assert (not np.array_equal(*targets)) == dropout_active
+    # td_target's own pass has dropout on: without it (eval mode), the same target critics give another y.
+    mean, log_std = agent.actor.apply_fn(sac.variables_of(agent.actor), batch.next_obs, train=False)
+    next_actions, _ = sac.sample_tanh_gaussian(mean, log_std, jax.random.split(key)[0])
+    no_dropout = np.asarray(agent.critic.apply_fn(variables, batch.next_obs, next_actions, train=False), np.float64)
+    expected_without = np_td_target(batch, no_dropout.min(0), alpha_logp, args.gamma)
+    assert (not np.allclose(target, expected_without, rtol=1e-5, atol=1e-6)) == dropout_active
+    # Critic-loss pass: with the target given, the key is its dropout key alone.
+    losses = [
+        sac.critic_loss(agent.critic.params, agent, batch, target, jax.random.PRNGKey(k), args)[0] for k in (3, 4)
+    ]
     assert (not np.array_equal(*losses)) == dropout_active
 
 
@@ -219,8 +276,9 @@ def test_the_utd_updates_are_one_scan_not_an_unrolled_python_loop():
             keys,
             np.zeros((1, OBS_DIM), np.float32),
         )
-        pattern = sac.actor_update_pattern(args, args.learning_starts + 1)
-        return str(sac.make_train_step(args, ACTION_DIM).trace(*inputs, pattern).jaxpr)
+        lead = conftest.lead_of(args, args.learning_starts + 1)  # the first learning step's, as train() computes it
+        assert lead == utd - 1
+        return str(sac.make_train_step(args, ACTION_DIM).trace(*inputs, lead).jaxpr)
 
     text_20, text_1 = traced(20), traced(1)
     assert "scan" in text_20 and "length=19" in text_20
@@ -262,12 +320,11 @@ def test_no_preset_word_is_plain_sac():
 def test_the_help_of_a_preset_shows_its_values(script_runner):
     result, _ = script_runner("sac_jax.py", "--help")
     assert result.returncode == 0, result.stderr
-    assert "(default: 20)" not in result.stdout
+    assert "(default: 20)" not in result.stdout and "REDQ: 10 critics" not in result.stdout
     result, _ = script_runner("sac_jax.py", "redq", "--help")
     assert result.returncode == 0, result.stderr
-    assert (
-        "sac_jax.py redq" in result.stdout and "(default: 20)" in result.stdout and "(default: mean)" in result.stdout
-    )
+    assert "REDQ: 10 critics" in result.stdout  # the preset's description (sac.PRESETS["redq"][0])
+    assert "(default: 20)" in result.stdout and "(default: mean)" in result.stdout
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,7 +343,7 @@ def test_divergence_in_any_of_a_steps_updates_spares_the_last_checkpoint(tmp_pat
         sac.train(args)
     step = int(error.value.args[0].split("env step ")[1].split()[0])
     assert 100 <= step <= 200  # the huge reward enters at 100 and is sampled soon after
-    arrays, host_state = sac.read_checkpoint(str(run_dirs(tmp_path)[0]))
+    arrays, host_state = crossq_utils.read_checkpoint(sac, str(run_dirs(tmp_path)[0]))
     assert host_state["global_step"] == step - 1
     agent = {path: value for path, value in arrays.items() if path.startswith("agent/") and value.dtype.kind == "f"}
     assert any("/opt_state/" in path for path in agent)
@@ -299,7 +356,7 @@ def test_divergence_in_any_of_a_steps_updates_spares_the_last_checkpoint(tmp_pat
 
 
 def fake_checkpoint(tmp_path, args: sac.Args) -> str:
-    return conftest.fake_checkpoint(sac, tmp_path / sac.CHECKPOINT_FILE, args)
+    return conftest.fake_checkpoint(sac, tmp_path / crossq_utils.CHECKPOINT_FILE, args)
 
 
 def test_resume_without_a_preset_word_continues_the_run_with_its_own_preset(tmp_path):
@@ -313,26 +370,44 @@ def test_resume_without_a_preset_word_continues_the_run_with_its_own_preset(tmp_
     assert again == dataclasses.replace(redq, resume=path)
 
 
+KEEPS = ": a resumed run keeps its hyperparameters"
+
+
 @pytest.mark.parametrize(
     "started,resumed,message",
-    [
-        (["redq"], ["sac"], "the checkpoint is not of a sac run: --utd is 20 in it, 1 in sac"),
-        (["redq"], ["droq"], "the checkpoint is not of a droq run: --layer-norm is False in it, True in droq"),
-        (["sac"], ["redq"], "the checkpoint is not of a redq run: --utd is 1 in it, 20 in redq"),
-        (["redq", "--utd", "10"], ["redq"], "the checkpoint is not of a redq run: --utd is 10 in it, 20 in redq"),
+    [  # the word stands for its values, as on the command line that started the run
+        (["redq"], ["sac"], "--utd is 20 in the checkpoint, not 1" + KEEPS),
+        (["redq"], ["droq"], "--layer-norm is False in the checkpoint, not True" + KEEPS),
+        (["sac"], ["redq"], "--utd is 1 in the checkpoint, not 20" + KEEPS),
+        (["redq", "--utd", "10"], ["redq"], "--utd is 10 in the checkpoint, not 20" + KEEPS),
     ],
 )
 def test_a_preset_word_that_contradicts_the_checkpoint_is_refused(tmp_path, started, resumed, message):
     path = fake_checkpoint(tmp_path, sac.parse_args(started))
-    with pytest.raises(sac.ConfigError, match=message.replace("(", r"\(")):
+    with pytest.raises(sac.ConfigError, match=f"^{message}$"):
         sac.parse_args([*resumed, "--resume", path])
 
 
-def test_a_changed_hyperparameter_is_refused_by_name_when_training_starts(tmp_path):
-    redq = sac.parse_args(["redq"])
-    args = sac.parse_args(["redq", "--utd", "5", "--resume", fake_checkpoint(tmp_path, redq)])
-    with pytest.raises(sac.ConfigError, match="--utd is 20 in the checkpoint, not 5"):
-        sac.check_resume(args, {"args": dataclasses.asdict(redq), "global_step": 0}, model_saved=False)
+def test_a_changed_hyperparameter_is_refused_by_name_when_parsed_and_when_training_starts(tmp_path, monkeypatch):
+    redq = sac.parse_args(["redq", "--env-id", "Pendulum-v1"])
+    path = fake_checkpoint(tmp_path, redq)
+    with pytest.raises(sac.ConfigError, match="^--utd is 20 in the checkpoint, not 5" + KEEPS):
+        sac.parse_args(["redq", "--utd", "5", "--resume", path])
+    # Args not from the command line: train() refuses them before any compute, and leaves no run behind.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(sac.ConfigError, match="^--utd is 20 in the checkpoint, not 5" + KEEPS):
+        sac.train(dataclasses.replace(redq, utd=5, resume=path))
+    assert run_dirs(tmp_path) == []
+    with pytest.raises(sac.ConfigError, match="^--utd is 20 in the checkpoint, not 5" + KEEPS):
+        crossq_utils.check_resume(
+            sac, dataclasses.replace(redq, utd=5), {"args": dataclasses.asdict(redq), "global_step": 0}
+        )
+    # What may change on resume does not trip it.
+    crossq_utils.check_resume(
+        sac,
+        dataclasses.replace(redq, total_timesteps=2_000_000, log_freq=7, resume=path),
+        {"args": dataclasses.asdict(redq), "global_step": 0},
+    )
 
 
 def test_a_contradicting_preset_word_exits_with_one_line(script_runner, tmp_path):
@@ -340,7 +415,7 @@ def test_a_contradicting_preset_word_exits_with_one_line(script_runner, tmp_path
     result, _ = script_runner("sac_jax.py", "droq", "--resume", path)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: the checkpoint is not of a droq run"), result.stderr
+    assert lines == ["error: --layer-norm is False in the checkpoint, not True" + KEEPS], result.stderr
 
 
 @pytest.mark.parametrize("preset", ["redq", "droq"])
@@ -357,7 +432,7 @@ def test_a_resumed_high_utd_run_matches_the_uninterrupted_run(tmp_path, monkeypa
         sac.train(sac.parse_args([*flags, "--total-timesteps", total, "--checkpoint-freq", checkpoint_freq]))
         (run_dir,) = run_dirs(tmp_path / total)
         scalars.append(read_scalars(run_dir))
-    arrays, host_state = sac.read_checkpoint(str(run_dir))
+    arrays, host_state = crossq_utils.read_checkpoint(sac, str(run_dir))
     assert host_state["global_step"] == 210
     assert any(path.startswith("agent/critic/target_params/") for path in arrays)
     resumed = sac.parse_args(["--resume", str(run_dir), "--total-timesteps", "240"])
@@ -373,9 +448,11 @@ def test_a_resumed_high_utd_run_matches_the_uninterrupted_run(tmp_path, monkeypa
 def test_a_checkpoint_saved_before_target_bn_stats_existed_resumes_with_the_live_statistics(tmp_path):
     """Runs saved before --target-bn-stats was added used the live statistics: their checkpoints still resume."""
     path = fake_checkpoint(tmp_path, sac.parse_args(["redq"]))
-    arrays, host_state = sac.read_checkpoint(path)
+    arrays, host_state = crossq_utils.read_checkpoint(sac, path)
     del host_state["args"]["target_bn_stats"]
-    sac.write_checkpoint(path, arrays, host_state)
+    crossq_utils.write_checkpoint(sac, path, arrays, host_state)
+    with np.load(path) as saved:  # the checkpoint as such a run wrote it: without the flag
+        assert "target_bn_stats" not in json.loads(saved["__host_state__"].tobytes())["args"]
     args = sac.parse_args(["--resume", path])
     assert args.target_bn_stats == "live"
-    sac.check_resume(args, sac.read_checkpoint(path, with_arrays=False)[1], model_saved=False)  # nothing changed
+    crossq_utils.check_resume(sac, args, crossq_utils.read_checkpoint(sac, path, with_arrays=False)[1])  # unchanged
