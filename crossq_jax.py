@@ -981,12 +981,13 @@ class Stdout(io.TextIOBase):
     """stdout that, once its reader has gone (`python crossq_jax.py ... | head`), drops what follows instead of
     ending the run at its next line."""
 
+    stream = sys.stdout  # the one this file was started with
+
     def write(self, text: str) -> int:
         try:
-            sys.__stdout__.write(text)
-            sys.__stdout__.flush()
+            print(text, end="", file=self.stream, flush=True)
         except BrokenPipeError:  # into /dev/null from now on (Python's own flush at exit would fail too)
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.__stdout__.fileno())
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
         return len(text)
 
 

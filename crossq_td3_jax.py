@@ -1,6 +1,5 @@
 # CrossQ (TD3 base; first word `td3`: the TD3 baseline) in JAX, Figure 5 of https://arxiv.org/abs/1902.05605. One file:
-# copy it, read it top to bottom, change it. Beyond CleanRL (checkpoints, --eval-model, Q bias, DeepMind Control):
-# crossq_utils.py, which only the flags that need it import.
+# copy it, read it top to bottom, change it. Beyond CleanRL: crossq_utils.py, imported only by the flags that need it.
 import dataclasses
 import io
 import json
@@ -418,8 +417,7 @@ def make_train_step(args: Args, action_dim: int):
         batch_keys, critic_keys = jnp.moveaxis(update_keys, 1, 0)
         batches = jax.vmap(lambda key: buffer_sample(buffer, key, args.batch_size))(batch_keys)
         take = lambda start, n: jax.tree.map(lambda x: x[start : start + n], (batches, critic_keys))
-        # After `lead` critic-only updates, the actor follows the first update of each period of `policy_delay`; a
-        # loop over the whole periods keeps the program's size whatever --utd is.
+        # After `lead` critic-only updates, each period's first update is the actor's: a loop over whole periods.
         delay, (periods, rest) = args.policy_delay, divmod(args.utd - lead, args.policy_delay)
         carry, finite = (agent, metrics), []
 
@@ -779,11 +777,13 @@ def stop(signum: int, frame: Any) -> None:  # Ctrl-C: the run ends at the end of
 
 
 class Stdout(io.TextIOBase):  # stdout that drops what follows once its reader has gone (`... | head`), not the run
+    stream = sys.stdout  # the one this file was started with
+
     def write(self, text: str) -> int:
         try:
-            print(text, end="", file=sys.__stdout__, flush=True)
+            print(text, end="", file=self.stream, flush=True)
         except BrokenPipeError:  # into /dev/null from now on (Python's own flush at exit would fail too)
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.__stdout__.fileno())
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
         return len(text)
 
 

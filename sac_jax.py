@@ -925,12 +925,13 @@ def stop(signum: int, frame: Any) -> None:
 
 
 class Stdout(io.TextIOBase):  # stdout that drops what follows once its reader has gone (`... | head`), not the run
+    stream = sys.stdout  # the one this file was started with
+
     def write(self, text: str) -> int:
         try:
-            sys.__stdout__.write(text)
-            sys.__stdout__.flush()
+            print(text, end="", file=self.stream, flush=True)
         except BrokenPipeError:  # into /dev/null from now on (Python's own flush at exit would fail too)
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.__stdout__.fileno())
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
         return len(text)
 
 
