@@ -727,27 +727,21 @@ def check_extras(args: Args) -> None:
 
 
 def check_memory(args: Args, obs_dim: int, action_dim: int) -> None:
-    """Refuse a run whose replay buffer and networks (their shapes, by jax.eval_shape: nothing is allocated) exceed
-    the memory they will live in: the RAM available on a CPU, the memory JAX may use on a GPU."""
+    """Refuse a run whose buffer and networks (by jax.eval_shape) exceed the available RAM, or the GPU's for JAX."""
     nbytes = lambda make: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(make)))
     buffer = nbytes(lambda: ReplayBuffer.create(args.buffer_size, obs_dim, action_dim))
     networks = nbytes(lambda: create_agent(args, obs_dim, action_dim, jax.random.PRNGKey(0)))
-    available, where = available_memory()
+    device, available, where = jax.devices()[0], float("inf"), "this machine has RAM available:"
+    if device.platform != "cpu":
+        available, where = (device.memory_stats() or {}).get("bytes_limit", available), f"this {device.device_kind} has"
+    elif os.path.exists("/proc/meminfo"):
+        with open("/proc/meminfo") as f:
+            available = next((int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")), available)
     if buffer + networks > available:
         flags = f"--critic-width {args.critic_width} with --n-critics {args.n_critics}"
         need, flags = max((buffer, f"--buffer-size {args.buffer_size}"), (networks, flags))
         gib = lambda n: f"{n / 2**30:.1f} GiB"
         raise ConfigError(f"{flags} needs ~{gib(need)} (~{gib(buffer + networks)} in all); {where} {gib(available)}")
-
-
-def available_memory() -> tuple[float, str]:
-    """The bytes the run's arrays may take, and where: the RAM available on a CPU, what JAX may use on a GPU."""
-    device = jax.devices()[0]
-    if device.platform != "cpu":
-        return (device.memory_stats() or {}).get("bytes_limit", float("inf")), f"this {device.device_kind} has"
-    with open("/proc/meminfo") if os.path.exists("/proc/meminfo") else open(os.devnull) as f:
-        available = [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
-    return (available or [float("inf")])[0], "this machine has RAM available:"
 
 
 # Logging, saving, and stopping a diverged run (exit 1) with a message that names the step

@@ -23,7 +23,6 @@ from flax.training.train_state import TrainState
 from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.text.summary_v2 import text_pb
-from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 CRITIC_ACTIVATIONS = ("relu", "tanh", "elu", "glu", "relu6", "sin", "relu_over_max", "layernormed_relu", "gelu", "silu")
 TARGET_SCHEDULES = ("fujimoto", "authors")
@@ -584,6 +583,7 @@ def check_extras(args: Args) -> None:
 
 
 def check_memory(args: Args, obs_dim: int, action_dim: int) -> None:
+    """Refuse a run whose buffer and networks (by jax.eval_shape) exceed the available RAM, or the GPU's for JAX."""
     nbytes = lambda make: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(make)))
     buffer = nbytes(lambda: ReplayBuffer.create(args.buffer_size, obs_dim, action_dim))
     networks = nbytes(lambda: create_agent(args, obs_dim, action_dim, jax.random.PRNGKey(0)))
@@ -603,7 +603,9 @@ def check_memory(args: Args, obs_dim: int, action_dim: int) -> None:
 # Logging, saving, and stopping a diverged run (exit 1) with a message that names the step
 class SummaryWriter:  # what CleanRL's scripts use of torch's SummaryWriter, on the `tensorboard` package alone
     def __init__(self, log_dir: str):
-        self.log_dir, self.events = log_dir, EventFileWriter(log_dir)
+        from tensorboard.summary.writer import event_file_writer  # looked up now: W&B's --track patches it
+
+        self.log_dir, self.events = log_dir, event_file_writer.EventFileWriter(log_dir)
         self.close = self.events.close
 
     def add_scalar(self, tag: str, value: float, step: int, text: str | None = None) -> None:
@@ -667,8 +669,7 @@ def train(args: Args) -> dict:
     if args.checkpoint_freq or args.resume:  # every check of the checkpoint to resume comes before any compute
         checkpoints = utils.Checkpoints(THIS, args, run_name, obs_dim, action_dim)
         run_name = checkpoints.run_name  # a resumed run keeps its own
-    random.seed(args.seed)
-    np.random.seed(args.seed)
+    random.seed(args.seed), np.random.seed(args.seed)  # for good measure: the env and JAX are seeded apart
     key, agent_key, explore_key = jax.random.split(jax.random.PRNGKey(args.seed), 3)
     agent = create_agent(args, obs_dim, action_dim, agent_key)
     train_step = make_train_step(args, action_dim)
@@ -720,8 +721,7 @@ def train(args: Args) -> dict:
             buffer, device_obs = store(buffer, step_data)
             obs = policy_obs
             if learning:  # this step's updates, then the next step's action: one compiled program, no host wait
-                # The actor follows every policy_delay-th critic update of the run; `lead`, this step's updates before
-                # the first such one, is static: at most policy_delay programs, no conditional (which stops a GPU host).
+                # The actor follows every policy_delay-th critic update; `lead` is static: no conditional on a GPU
                 updates_before = (global_step - args.learning_starts - 1) * args.utd
                 lead = min(args.policy_delay - 1 - updates_before % args.policy_delay, args.utd)
                 agent, metrics, keys, next_action = train_step(agent, metrics, buffer, keys, device_obs, lead)

@@ -700,12 +700,12 @@ def check_extras(args: Args) -> None:
 
 
 def check_memory(args: Args, obs_dim: int, action_dim: int) -> None:
-    """Refuse a run whose replay buffer and networks (their shapes: nothing is allocated) exceed the memory left."""
+    """Refuse a run whose buffer and networks (by jax.eval_shape) exceed the available RAM, or the GPU's for JAX."""
     nbytes = lambda make: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(make)))
     buffer = nbytes(lambda: ReplayBuffer.create(args.buffer_size, obs_dim, action_dim))
     networks = nbytes(lambda: create_agent(args, obs_dim, action_dim, jax.random.PRNGKey(0)))
     device, available, where = jax.devices()[0], float("inf"), "this machine has RAM available:"
-    if device.platform != "cpu":  # what JAX may use on a GPU; the RAM available on a CPU
+    if device.platform != "cpu":
         available, where = (device.memory_stats() or {}).get("bytes_limit", available), f"this {device.device_kind} has"
     elif os.path.exists("/proc/meminfo"):
         with open("/proc/meminfo") as f:

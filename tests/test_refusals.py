@@ -6,6 +6,8 @@ per script feeds it all the inputs in turn (conftest.run_main_with_each).
 A run that diverges is refused differently: exit 1, with a line that blames the training, not the env.
 """
 
+import io
+
 import pytest
 from conftest import SCRIPTS, module_of, run_main_with_each, run_script
 
@@ -215,16 +217,19 @@ def test_the_memory_a_run_is_checked_against_is_what_it_allocates(script, monkey
     import jax
 
     module = importlib.import_module(script[:-3])
+    real_open = open
+
+    def meminfo(available: int):  # /proc/meminfo, as the check reads it, with `available` bytes
+        lines = f"MemTotal: {2 * available // 1024} kB\nMemAvailable: {available // 1024} kB\n"
+        return lambda path, *a, **k: io.StringIO(lines) if path == "/proc/meminfo" else real_open(path, *a, **k)
+
     for variant in VARIANTS[script]:
         args = module.Args(actor_width=24, critic_width=40, batch_size=64, buffer_size=1000, **variant)
         needed = nbytes(module.ReplayBuffer.create(args.buffer_size, 3, 1))
         needed += nbytes(module.create_agent(args, 3, 1, jax.random.PRNGKey(0)))
-        monkeypatch.setattr(
-            module, "available_memory", lambda needed=needed: (needed, "this machine has RAM available:")
-        )
+        needed = -(-needed // 1024) * 1024  # meminfo counts kB
+        monkeypatch.setattr(module, "open", meminfo(needed), raising=False)
         module.check_memory(args, 3, 1)  # just enough
-        monkeypatch.setattr(
-            module, "available_memory", lambda needed=needed: (needed - 1, "this machine has RAM available:")
-        )
+        monkeypatch.setattr(module, "open", meminfo(needed - 1024), raising=False)
         with pytest.raises(module.ConfigError, match=r" needs ~0\.0 GiB .*; this machine has RAM available: 0\.0"):
             module.check_memory(args, 3, 1)
