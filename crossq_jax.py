@@ -838,25 +838,20 @@ def train(args: Args) -> dict:
         run_name = checkpoints.run_name  # a resumed run keeps its own
 
     # Seeding: Python and numpy for good measure; the env, its action space and JAX explicitly.
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    key = jax.random.PRNGKey(args.seed)
-    key, agent_key, explore_key = jax.random.split(key, 3)
+    random.seed(args.seed), np.random.seed(args.seed)
+    key, agent_key, explore_key = jax.random.split(jax.random.PRNGKey(args.seed), 3)
     agent = create_agent(args, obs_dim, action_dim, agent_key)
     train_step = make_train_step(args, action_dim)
 
     env = make_env(args.env_id, args.seed)()
-    if checkpoints:  # it remembers each episode's start and actions: what resuming replays to get the env back
-        env = checkpoints.recorder(env)
+    env = checkpoints.recorder(env) if checkpoints else env  # it keeps each episode's start and actions, for resuming
     env.reset(seed=args.seed)  # seeds the env's generator; each later reset draws from it
     # One video per evaluation, of its first episode (episode 0 is the seeding reset below).
     first_of_each_evaluation = lambda episode: episode > 0 and (episode - 1) % args.eval_episodes == 0
     eval_env = make_env(args.env_id, args.seed + 10_000, args.capture_video, run_name, first_of_each_evaluation)()
     eval_env.reset(seed=args.seed + 10_000)
-    buffer = ReplayBuffer.create(args.buffer_size, obs_dim, action_dim)
-    metrics = Metrics.initial()
-    store = jax.jit(store_step, donate_argnums=0)  # its own jitted call: see train_step
-    keys = {"update": key, "explore": explore_key}
+    buffer, metrics = ReplayBuffer.create(args.buffer_size, obs_dim, action_dim), Metrics.initial()
+    store, keys = jax.jit(store_step, donate_argnums=0), {"update": key, "explore": explore_key}  # see train_step
     start_step, train_seconds, episodic_return, eval_return = 0, 0.0, float("nan"), float("nan")
     if args.resume:  # the checkpoint's arrays, generators and env state: the run goes on as if never stopped
         state = {"agent": agent, "buffer": buffer, "metrics": metrics, "keys": keys, "obs": np.zeros(obs_dim)}
