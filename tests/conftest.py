@@ -33,6 +33,7 @@ os.environ["XLA_FLAGS"] = (OPTIMISED_XLA["XLA_FLAGS"] + " --xla_backend_optimiza
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ["crossq_jax.py", "crossq_td3_jax.py", "sac_jax.py"]
 sys.path.insert(0, str(REPO / "benchmarks"))  # the tests import the tools' `programs` and `throughput`
+from throughput import lead_of  # noqa: E402  (train()'s `lead`, as the benchmarks compute it too)
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
@@ -109,12 +110,6 @@ def learning_steps(module, args, agent, buffer, n_steps: int, metrics=None, seed
     for step in range(args.learning_starts + 1, args.learning_starts + n_steps + 1):
         agent, metrics, keys, _ = train_step(agent, metrics, buffer, keys, obs, lead_of(args, step))
         yield agent, metrics
-
-
-def lead_of(args, step: int) -> int:
-    """The critic updates of env step `step` before the first one the actor follows, as train() computes it."""
-    updates_before = (step - args.learning_starts - 1) * args.utd
-    return min(args.policy_delay - 1 - updates_before % args.policy_delay, args.utd)
 
 
 def train_steps(module, args, agent, buffer, n_steps: int = 1, metrics=None, seed: int = 1):
